@@ -1,0 +1,151 @@
+"""Crash-safe checkpoints: `output_dir/step_{N}/`, written to a temporary folder and renamed.
+
+A checkpoint holds the task's adapter files (usable on their own) plus what a bit-exact resume
+needs: the LoRA parameters, optimizer, scheduler, gradient scaler, every RNG state and the step.
+Pickle is never loaded from outside: training state is read back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_scripts.errors import UserError
+from lora_scripts.faults import maybe_kill
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state.json"
+PARAMS_FILE = "lora_params.safetensors"
+OPTIM_FILE = "optimizer.pt"
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file in a folder, and the folder itself, to disk."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (renames into it) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(folder: Path, write: Callable[[Path], Any]) -> None:
+    """Run `write(tmp)` into a fresh temporary folder, then move its files into `folder`.
+
+    Each file appears under its final name complete or not at all.
+    """
+    tmp = folder / f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                target = folder / path.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random state that affects training."""
+    return {
+        "python": _to_lists(random.getstate()),
+        "numpy": _to_lists(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_to_lists(v) for v in value]
+    return value
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    write_adapter: Callable[[Path], Any],
+    params: dict[str, torch.Tensor],
+    training_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int | None,
+) -> Path:
+    """Write `step_{step}` atomically, then prune to the newest `keep` checkpoints."""
+    final = output_dir / f"step_{step}"
+    tmp = output_dir / f".step_{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_adapter(tmp)
+    save_file({k: v.contiguous().cpu() for k, v in params.items()}, str(tmp / PARAMS_FILE))
+    torch.save(training_state, tmp / OPTIM_FILE)
+    maybe_kill("kill_during_save", step)
+    (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+    fsync_tree(tmp)
+    if final.exists():  # re-saving a step after a resume: swap, never leave a gap
+        old = output_dir / f".step_{step}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(output_dir)
+    if keep is not None:
+        for stale in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(stale)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in step order (a folder only gets its final name when complete)."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """Read (meta, LoRA params, training state) of one checkpoint."""
+    try:
+        meta = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        params = load_file(str(folder / PARAMS_FILE))
+        state = torch.load(folder / OPTIM_FILE, weights_only=True, map_location="cpu")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"checkpoint {folder} is damaged ({str(exc).splitlines()[0]}); delete that folder to resume from the one before") from None
+    return meta, params, state

@@ -1,0 +1,42 @@
+"""Finding dataset images (kohya `N_name` subfolders included) and opening them safely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def find_images(root: Path) -> list[str]:
+    """Image paths under `root`, recursive, relative to it with '/' separators, sorted.
+
+    Hidden files and folders (".ipynb_checkpoints", …) are ignored.
+    """
+    found = []
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            found.append(relative.as_posix())
+    return sorted(found)
+
+
+def load_images(root: Path, relative_paths: list[str]) -> tuple[list[str], list[Image.Image], dict[str, str]]:
+    """Open the images as RGB, fully decoded.
+
+    Returns the paths that loaded, their images, and `{path: reason}` for unreadable or truncated files.
+    """
+    loaded: list[str] = []
+    images: list[Image.Image] = []
+    failed: dict[str, str] = {}
+    for relative in relative_paths:
+        try:
+            with Image.open(root / relative) as image:
+                images.append(image.convert("RGB"))
+            loaded.append(relative)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            failed[relative] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return loaded, images, failed

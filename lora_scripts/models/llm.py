@@ -1,0 +1,97 @@
+"""Load a causal language model and its tokenizer from a local folder or a `.gguf` file.
+
+Nothing is fetched from a hub: a path that does not exist is an error that says how to get the
+model onto disk. GGUF files are dequantized by transformers (`gguf_file=`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from lora_scripts.errors import UserError
+
+# First bytes of the pre-GGUF llama.cpp formats (GGML, GGMF, GGJT), as read little-endian.
+_GGML_MAGICS = {b"lmgg", b"fmgg", b"tjgg"}
+
+
+def check_llm_path(base_model: str) -> None:
+    """Fail fast, before loading any weights, on a base model that cannot work."""
+    path = Path(base_model)
+    if not path.exists():
+        hint = (
+            f"; to use the hub model `{base_model}`, download it once with "
+            f"`huggingface-cli download {base_model} --local-dir models/{path.name}` and set "
+            f"base_model: models/{path.name}"
+            if base_model.count("/") == 1 and not base_model.startswith((".", "/"))
+            else ""
+        )
+        raise UserError(f"base_model not found: {base_model}{hint}")
+    if path.is_file():
+        _check_model_file(path)
+        return
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"base_model {path}: folder has no config.json; point it at a Hugging Face model folder or a .gguf file")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"base_model {config_file}: not valid JSON; the model folder is damaged") from None
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(
+            f"base_model {path}: architecture `{model_type}` is not a causal language model "
+            "transformers can train (text-generation needs e.g. llama, qwen2, mistral, gemma, phi3)"
+        )
+
+
+def _check_model_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic in _GGML_MAGICS:
+        raise UserError(
+            f"base_model {path}: this is a GGML v3 file (the format before GGUF, 2023), which no "
+            "maintained library reads; convert it with llama.cpp's "
+            "`convert_llama_ggml_to_gguf.py --input OLD.bin --output NEW.gguf` or use the model's "
+            "Hugging Face folder or .gguf release"
+        )
+    if magic != b"GGUF":
+        raise UserError(
+            f"base_model {path}: not a GGUF file (starts with {magic!r}); for a text model use a "
+            "Hugging Face model folder or a .gguf file"
+        )
+    if path.stat().st_size < 64:
+        raise UserError(f"base_model {path}: the GGUF file is truncated ({path.stat().st_size} bytes)")
+
+
+def _from_pretrained_args(base_model: str) -> tuple[str, dict[str, str]]:
+    path = Path(base_model)
+    return (str(path.parent), {"gguf_file": path.name}) if path.is_file() else (str(path), {})
+
+
+def load_tokenizer(base_model: str):
+    """Only the tokenizer of the base model (fast: no weights), offline."""
+    check_llm_path(base_model)
+    folder, kwargs = _from_pretrained_args(base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"base_model {base_model}: its tokenizer cannot be loaded ({str(exc).strip().splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_llm(base_model: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, AutoTokenizer]:
+    """Load the base model (frozen later by PEFT) and its tokenizer, offline."""
+    tokenizer = load_tokenizer(base_model)
+    folder, kwargs = _from_pretrained_args(base_model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"base_model {base_model}: cannot be loaded ({first_line})") from None
+    return model, tokenizer

@@ -1,0 +1,42 @@
+"""What a task hands the shared training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Task:
+    """A model with LoRA attached, its data, and the few task-specific functions the loop calls.
+
+    `loss(model, batch)` returns the sum of per-unit losses and `count_units(batch)` the number
+    of units in it (target tokens for text, images for image), so the loop can normalise over a
+    whole gradient-accumulation group exactly as one big batch would. `count_processed` counts
+    what the throughput figure reports (all tokens, or images).
+    """
+
+    model: nn.Module
+    train_set: Sequence[Any]
+    eval_set: Sequence[Any]
+    collate: Callable[[list[Any]], Batch]
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    count_units: Callable[[Batch], int]
+    count_processed: Callable[[Batch], int]
+    save_adapter: Callable[[Path, str], list[Path]]
+    unit_name: str
+    batcher: Callable[[int], list[list[int]]] | None = None  # default: shuffled_batches
+    fingerprint: dict[str, str] = field(default_factory=dict)
+    summary: str = ""
+    nan_advice: str = ""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA parameters by name (what a resume must restore exactly)."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}

@@ -1,0 +1,164 @@
+"""Text task: a causal LM with a PEFT LoRA, trained on response tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from lora_scripts.config import TrainConfig
+from lora_scripts.data.text_files import read_rows
+from lora_scripts.data.text_samples import (
+    IGNORE_INDEX,
+    SampleBuilder,
+    build_samples,
+    detect_format,
+    make_collate,
+    split_validation,
+    validate_rows,
+)
+from lora_scripts.errors import UserError
+from lora_scripts.models.llm import check_llm_path, load_llm
+from lora_scripts.tasks.base import Batch, Task
+
+BLOCK_CONTAINERS = (".layers.", ".h.", ".blocks.")
+NAN_ADVICE = (
+    "usually the learning rate is too high (try half), or fp16 overflowed (use bf16 or "
+    "mixed_precision: no)"
+)
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Check base model and data paths before loading anything large."""
+    check_llm_path(cfg.base_model)
+    for path in filter(None, [cfg.train_data_dir, cfg.validation_file]):
+        rows = read_rows(path)
+        validate_rows(rows, detect_format(rows, cfg.data_format, cfg.prompt_template), cfg.prompt_template)
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Every linear layer inside the transformer blocks (not the LM head or embeddings)."""
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(part in f".{name}." for part in BLOCK_CONTAINERS)
+    }
+    if not names:
+        raise UserError("could not find linear layers inside transformer blocks; set target_modules explicitly")
+    return sorted(names)
+
+
+def compute_dtype(cfg: TrainConfig, device: str) -> torch.dtype:
+    """Frozen base weights in the mixed-precision dtype on GPU, float32 on CPU."""
+    if device == "cpu" or cfg.mixed_precision == "no":
+        return torch.float32
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+
+
+def attach_lora(model: nn.Module, cfg: TrainConfig) -> PeftModel:
+    """Wrap the base model with a fresh LoRA, or with the one named by `init_lora_weights`."""
+    if cfg.init_lora_weights is None:
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules or default_target_modules(model),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+    source = Path(cfg.init_lora_weights)
+    config_file = source / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"init_lora_weights {source}: not a PEFT adapter folder (no adapter_config.json)")
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    if saved.get("r") != cfg.lora_rank:
+        raise UserError(f"init_lora_weights {source}: rank {saved.get('r')} differs from lora_rank {cfg.lora_rank}; set lora_rank: {saved.get('r')}")
+    try:
+        return PeftModel.from_pretrained(model, str(source), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"init_lora_weights {source}: does not fit base_model {cfg.base_model} ({str(exc).splitlines()[0]})") from None
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross-entropy over target tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss
+
+
+def count_target_tokens(batch: Batch) -> int:
+    """Tokens that carry loss (labels shifted by one, as the loss sees them)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def count_input_tokens(batch: Batch) -> int:
+    """Non-padding tokens fed to the model (the tokens/s figure)."""
+    return int(batch["attention_mask"].sum())
+
+
+def _fingerprint(cfg: TrainConfig, samples: list) -> dict[str, str]:
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(json.dumps([sample.input_ids, sample.labels]).encode())
+    return {"base_model": str(cfg.base_model), "data": digest.hexdigest()[:16]}
+
+
+def make_sample_builder(cfg: TrainConfig, tokenizer, rows) -> SampleBuilder:
+    """The sample builder for this config's data layout."""
+    fmt = detect_format(rows, cfg.data_format, cfg.prompt_template)
+    return SampleBuilder(tokenizer, fmt, cfg.prompt_template, cfg.max_seq_length, cfg.train_on_inputs)
+
+
+def build_text_task(cfg: TrainConfig, device: str) -> Task:
+    """Load model and data, attach LoRA, and return the task for the shared loop."""
+    rows = read_rows(cfg.train_data_dir)
+    model, tokenizer = load_llm(cfg.base_model, compute_dtype(cfg, device))
+    builder = make_sample_builder(cfg, tokenizer, rows)
+    samples, stats = build_samples(rows, builder)
+    if cfg.validation_file is not None:
+        eval_samples, _ = build_samples(read_rows(cfg.validation_file), builder)
+        train_samples = samples
+    else:
+        train_samples, eval_samples = split_validation(samples, cfg.validation_split, cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    peft_model = attach_lora(model, cfg)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+
+    def save_adapter(folder: Path, name: str) -> list[Path]:
+        peft_model.save_pretrained(str(folder), safe_serialization=True)
+        return [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
+
+    summary = (
+        f"data: {stats.summary(cfg.max_seq_length)}; layout `{builder.data_format}`; "
+        f"{len(train_samples)} train / {len(eval_samples)} validation samples. "
+        f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {sorted(peft_model.peft_config['default'].target_modules)}: "
+        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    )
+    return Task(
+        model=peft_model,
+        train_set=train_samples,
+        eval_set=eval_samples,
+        collate=make_collate(tokenizer.pad_token_id),
+        loss=causal_lm_loss,
+        count_units=count_target_tokens,
+        count_processed=count_input_tokens,
+        save_adapter=save_adapter,
+        unit_name="tokens",
+        fingerprint=_fingerprint(cfg, train_samples),
+        summary=summary,
+        nan_advice=NAN_ADVICE,
+    )

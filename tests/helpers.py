@@ -1,0 +1,45 @@
+"""Shared test helpers: write configs and data, run the CLI as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `lora-scripts ARGS` in a subprocess; returns the finished process (never raises)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lora_scripts.cli", *args],
+        cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def write_qa_jsonl(path: Path, n: int = 24) -> Path:
+    """Question/answer rows in the spec's medical-QA shape."""
+    rows = [{"question": f"{i} 加 {i} 等于几？", "answer": f"{i} 加 {i} 等于 {2 * i}。"} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def write_config(path: Path, **keys) -> Path:
+    """A YAML config with the given keys (paths written as strings)."""
+    path.write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in keys.items()}, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def text_config(tmp_path: Path, model_dir: Path, **overrides) -> Path:
+    """A small text-generation config on the tiny Llama and 24 QA rows."""
+    data = write_qa_jsonl(tmp_path / "qa.jsonl")
+    keys = dict(
+        task_type="text-generation", base_model=str(model_dir), train_data_dir=str(data),
+        prompt_template="问：{question}\n答：{answer}", output_dir=str(tmp_path / "out"),
+        lora_rank=4, batch_size=4, epochs=1, learning_rate="2e-3", save_steps=0, logging_steps=1, seed=3,
+    )
+    keys.update(overrides)
+    return write_config(tmp_path / "config.yaml", **keys)
