@@ -28,25 +28,36 @@ def build_check_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 def text_report(cfg: TrainConfig) -> Report:
     """Doctor findings for a text task's data (loads the tokenizer only, not the model)."""
     from lora_scripts.data.text_files import read_rows
-    from lora_scripts.data.text_samples import template_fields
     from lora_scripts.models.llm import load_tokenizer
     from lora_scripts.tasks.text import make_sample_builder
 
     rows = read_rows(cfg.train_data_dir)
     builder = make_sample_builder(cfg, load_tokenizer(cfg.base_model), rows)
+    validation = read_rows(cfg.validation_file) if cfg.validation_file is not None else []
+    return check_text_rows(builder, rows, validation)
+
+
+def check_text_rows(builder, rows: list, validation_rows: list) -> Report:
+    """Doctor findings for text rows as `builder` renders and tokenizes them."""
+    from lora_scripts.data.text_samples import template_fields
+
     samples = [(*builder.render(row, source), source) for row, source in rows]
-    lengths = [builder.build(row, source)[1] for row, source in rows]
-    validation = []
-    if cfg.validation_file is not None:
-        validation = [(*builder.render(row, source), source) for row, source in read_rows(cfg.validation_file)]
     return check_text_samples(
         samples,
-        token_lengths=lengths,
-        max_seq_length=cfg.max_seq_length,
-        template_fields=template_fields(cfg.prompt_template) if builder.data_format == "template" else (),
+        token_lengths=[builder.build(row, source)[1] for row, source in rows],
+        max_seq_length=builder.max_seq_length,
+        template_fields=template_fields(builder.prompt_template) if builder.data_format == "template" else (),
         raw_rows=[(source, row) for row, source in rows],
-        validation_samples=validation,
+        validation_samples=[(*builder.render(row, source), source) for row, source in validation_rows],
     )
+
+
+def summary_line(report: Report) -> str:
+    """One line for the start of training: counts per check, and where to see details."""
+    if not report.findings:
+        return "data check: no problems found"
+    parts = ", ".join(f"{f.check}: {len(f.items) or 1}" for f in report.sorted_findings() if f.severity != "info")
+    return f"data check: {parts or 'notes only'} (details: lora-scripts check-data --config …)"
 
 
 def image_report(cfg: TrainConfig, embeddings_file: Path | None):

@@ -137,6 +137,107 @@ class TrainConfig(BaseModel):
     )
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: response only).")
 
+    # --- image task ---
+    model_family: Literal["sd1", "sd2", "sd2_v", "sdxl"] | None = Field(
+        None,
+        description="Stable Diffusion family of `base_model`; detected from its weights when absent. "
+        "Set `sd2_v` / `sd2` when an SD2 checkpoint's v-prediction is guessed wrong.",
+    )
+    model_config_dir: Path | None = Field(
+        None,
+        description="Only for a single-file checkpoint of non-standard shape: a diffusers-layout folder with "
+        "its unet/, vae/, text_encoder/ and scheduler/ configs. Standard SD1/SD2/SDXL configs are built in.",
+    )
+    resolution: int | None = Field(
+        None, ge=64, description="Training area: images are scaled to about resolution x resolution pixels. "
+        "Default 512; 1024 for SDXL.",
+    )
+    enable_bucket: bool = Field(
+        True,
+        description="Aspect-ratio bucketing: each image trains at its own shape (sides multiples of "
+        "`bucket_reso_steps`, area <= resolution^2), batches are drawn from one bucket. Off: every image is "
+        "resized and cropped to a resolution x resolution square.",
+    )
+    bucket_no_upscale: bool = Field(
+        True,
+        description="Never enlarge an image: a small image gets a smaller bucket. Set false to scale every "
+        "image up to the full resolution (kohya's default; upscaling blurs).",
+    )
+    bucket_reso_steps: int = Field(
+        64, ge=8, multiple_of=8, description="Bucket sides are multiples of this many pixels."
+    )
+    min_bucket_reso: int | None = Field(
+        None, ge=8, description="Shortest bucket side when `bucket_no_upscale: false` (default: resolution / 2)."
+    )
+    max_bucket_reso: int | None = Field(
+        None, ge=8, description="Longest bucket side when `bucket_no_upscale: false` (default: resolution x 2)."
+    )
+    random_crop: bool = Field(
+        False, description="Crop at a random place each time instead of the centre (needs cache_latents: false)."
+    )
+    flip_aug: bool = Field(False, description="Mirror images horizontally at random (half of the time).")
+    caption_extension: str = Field(
+        ".txt", description="Caption files beside the images, used when there is no metadata.csv."
+    )
+    shuffle_caption: bool = Field(
+        False, description="Shuffle the comma-separated tags of each caption every time it is used."
+    )
+    keep_tokens: int = Field(
+        0, ge=0, description="With shuffle_caption: keep this many leading tags in place (e.g. a trigger word)."
+    )
+    caption_dropout_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of samples trained with an empty caption (helps CFG)."
+    )
+    cache_latents: bool = Field(
+        True,
+        description="Encode every image with the VAE once before training instead of at every step; also "
+        "caches the text encoder's outputs when it is not trained and captions are not shuffled.",
+    )
+    cache_latents_to_disk: bool = Field(
+        False, description="Also keep cached latents on disk (in `cache_dir`), reused by later runs."
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Folder for the disk latent cache, keyed by image content, size and VAE "
+        "(default: `train_data_dir/.lora_cache`).",
+    )
+    skip_bad_images: bool = Field(
+        False,
+        description="Train without missing, unreadable, truncated, too small or uncaptioned images (listed, "
+        "with a count) instead of stopping.",
+    )
+    train_text_encoder: bool = Field(
+        False, description="Also put LoRA on the text encoder(s) (kohya trains both by default)."
+    )
+    text_encoder_lr: float | None = Field(
+        None, gt=0, le=1.0, description="Learning rate of the text-encoder LoRA (default: learning_rate)."
+    )
+    min_snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR loss weighting (arXiv:2303.09556); 5 is the usual value."
+    )
+    noise_offset: float = Field(
+        0.0, ge=0.0, description="Offset noise (0.05-0.1) lets the model learn very dark or bright images."
+    )
+    no_half_vae: bool = Field(
+        False,
+        description="Keep the VAE in float32 under mixed precision (SDXL's VAE overflows in fp16 and gives NaN).",
+    )
+    sample_prompts: list[str] | Path | None = Field(
+        None,
+        description="Prompts rendered with the LoRA while training, as PNG grids in output_dir/samples/ and "
+        "TensorBoard: a list, or a text file with one prompt per line (kohya's --n/--w/--h/--s/--l/--d "
+        "options accepted).",
+    )
+    sample_every_n_steps: int | None = Field(
+        None, ge=1, description="Render sample_prompts every N steps (default: only at the end)."
+    )
+    sample_steps: int = Field(20, ge=1, le=200, description="Sampler steps per sample image.")
+    save_format: Literal["kohya", "diffusers"] = Field(
+        "kohya",
+        description="`kohya`: one `<output_name>.safetensors` for AUTOMATIC1111 / ComfyUI / kohya; "
+        "`diffusers`: a diffusers LoRA folder (`pytorch_lora_weights.safetensors`).",
+    )
+
     # --- safety ------------------------------------------------------------------------
     allow_unsafe_pickle: bool = Field(
         False, description="Allow loading pickle files (`.ckpt`, `.bin`), which can run code. Off by default."

@@ -28,7 +28,9 @@ def check_output_dir(cfg: TrainConfig) -> list[Path]:
     out = cfg.output_dir
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file; choose a folder path")
-    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    parent = nearest_existing(out)
+    if not parent.is_dir():
+        raise UserError(f"output_dir {out}: {parent} is a file, not a folder; choose another output_dir")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"output_dir {out}: no permission to write in {parent}; choose another output_dir")
     checkpoints = list_checkpoints(out)
@@ -46,7 +48,7 @@ def check_free_space(folder: Path, trainable_bytes: int, keep: int | None) -> No
     trainable bytes; without `save_total_limit` we ask for room for three.
     """
     needed = 4 * trainable_bytes * ((keep or 3) + 1)
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(nearest_existing(folder)).free
     if free < needed:
         raise UserError(
             f"not enough disk space in {folder}: checkpoints need ~{needed / 2**20:.0f} MiB, "
@@ -70,11 +72,25 @@ def check_resume_compatible(meta: dict[str, Any], cfg: TrainConfig, fingerprint:
         print(f"resume: allowed config changes: {', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed)}")
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself or its closest ancestor that exists."""
+    return next((p for p in [path, *path.parents] if p.exists()), Path("."))
+
+
 def probe_writable(folder: Path) -> None:
-    """Create and remove a file in `folder` (catches read-only mounts that os.access misses)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Create and remove a file in `folder` (catches read-only mounts that os.access misses).
+
+    Folders created for the probe are removed again, so a run that fails before its first
+    write leaves nothing behind.
+    """
+    created = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder):
             pass
     except OSError as exc:
         raise UserError(f"output_dir {folder}: cannot write there ({exc.strerror})") from None
+    finally:
+        for path in created:  # deepest first
+            if path.is_dir():
+                path.rmdir()

@@ -19,10 +19,15 @@ Row = dict[str, Any]
 def read_rows(path: Path) -> list[tuple[Row, str]]:
     """Rows of a data file or folder, each with its source (`file:line`) for messages."""
     if not path.exists():
-        raise UserError(f"train data not found: {path} (set train_data_dir to a CSV/JSON/JSONL file or a folder of them)")
+        raise UserError(f"data not found: {path} (train_data_dir and validation_file take a CSV/JSON/JSONL file or a folder of them)")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES)
     if not files:
         raise UserError(f"{path}: no .csv, .json or .jsonl files found")
+    if path.is_dir():
+        root = path.resolve()
+        for file in files:
+            if not file.resolve().is_relative_to(root):
+                raise UserError(f"{file}: links to {file.resolve()}, outside the data folder {path}; copy the file into the folder")
     rows: list[tuple[Row, str]] = []
     for file in files:
         rows.extend(_read_file(file))

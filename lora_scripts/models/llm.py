@@ -7,9 +7,12 @@ model onto disk. GGUF files are dequantized by transformers (`gguf_file=`).
 from __future__ import annotations
 
 import json
+import pickle
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -17,6 +20,8 @@ from lora_scripts.errors import UserError
 
 # First bytes of the pre-GGUF llama.cpp formats (GGML, GGMF, GGJT), as read little-endian.
 _GGML_MAGICS = {b"lmgg", b"fmgg", b"tjgg"}
+# First bytes of PyTorch checkpoints: a zip archive (torch.save since 1.6) or a bare pickle.
+_PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 def check_llm_path(base_model: str) -> None:
@@ -46,6 +51,17 @@ def check_llm_path(base_model: str) -> None:
             f"base_model {path}: architecture `{model_type}` is not a causal language model "
             "transformers can train (text-generation needs e.g. llama, qwen2, mistral, gemma, phi3)"
         )
+    for weights in sorted(path.glob("*.safetensors")):
+        _check_safetensors_header(weights)
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Read only the header: catches truncated and corrupt files before any weights load."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as exc:
+        raise UserError(f"base_model {path}: not a readable .safetensors file ({exc}); it is truncated or damaged, download it again") from None
 
 
 def _check_model_file(path: Path) -> None:
@@ -58,6 +74,12 @@ def _check_model_file(path: Path) -> None:
             "`convert_llama_ggml_to_gguf.py --input OLD.bin --output NEW.gguf` or use the model's "
             "Hugging Face folder or .gguf release"
         )
+    if magic.startswith(_PICKLE_MAGICS):
+        raise UserError(
+            f"base_model {path}: not a GGUF file but a PyTorch pickle checkpoint, which can run code "
+            "when loaded and is never unpickled here; for a text model use a Hugging Face model "
+            "folder (safetensors weights) or a .gguf file"
+        )
     if magic != b"GGUF":
         raise UserError(
             f"base_model {path}: not a GGUF file (starts with {magic!r}); for a text model use a "
@@ -65,6 +87,32 @@ def _check_model_file(path: Path) -> None:
         )
     if path.stat().st_size < 64:
         raise UserError(f"base_model {path}: the GGUF file is truncated ({path.stat().st_size} bytes)")
+    stat = path.stat()
+    _check_gguf(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _check_gguf(path: str, size: int, mtime_ns: int) -> None:
+    """Parse the GGUF header and tensor table (memory-mapped, nothing dequantized).
+
+    Cached per file version (`size`, `mtime_ns` only key the cache): a 100 MB GGUF takes
+    seconds to parse and is checked more than once per run.
+    """
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields.get("general.architecture")
+        architecture = field.contents() if field is not None else None
+    except (ValueError, IndexError, KeyError, OSError) as exc:
+        raise UserError(f"base_model {path}: the GGUF file is truncated or damaged ({exc}); download it again") from None
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+        raise UserError(
+            f"base_model {path}: GGUF architecture `{architecture}` cannot be loaded by transformers "
+            f"(supported: {supported}); use a Hugging Face model folder of this model instead"
+        )
 
 
 def _from_pretrained_args(base_model: str) -> tuple[str, dict[str, str]]:
@@ -91,6 +139,11 @@ def load_llm(base_model: str, dtype: torch.dtype = torch.float32) -> tuple[PreTr
     folder, kwargs = _from_pretrained_args(base_model)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"base_model {base_model}: its pickle weights hold more than plain tensors, so the safe "
+            "loader (weights_only=True) refused them; use a copy with .safetensors weights"
+        ) from None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"base_model {base_model}: cannot be loaded ({first_line})") from None

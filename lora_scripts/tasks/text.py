@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from lora_scripts.check_data import check_text_rows, summary_line
 from lora_scripts.config import TrainConfig
 from lora_scripts.data.text_files import read_rows
 from lora_scripts.data.text_samples import (
@@ -123,11 +124,13 @@ def make_sample_builder(cfg: TrainConfig, tokenizer, rows) -> SampleBuilder:
 def build_text_task(cfg: TrainConfig, device: str) -> Task:
     """Load model and data, attach LoRA, and return the task for the shared loop."""
     rows = read_rows(cfg.train_data_dir)
+    validation_rows = read_rows(cfg.validation_file) if cfg.validation_file is not None else []
     model, tokenizer = load_llm(cfg.base_model, compute_dtype(cfg, device))
     builder = make_sample_builder(cfg, tokenizer, rows)
+    data_check = summary_line(check_text_rows(builder, rows, validation_rows))
     samples, stats = build_samples(rows, builder)
-    if cfg.validation_file is not None:
-        eval_samples, _ = build_samples(read_rows(cfg.validation_file), builder)
+    if validation_rows:
+        eval_samples, _ = build_samples(validation_rows, builder)
         train_samples = samples
     else:
         train_samples, eval_samples = split_validation(samples, cfg.validation_split, cfg.seed)
@@ -143,6 +146,7 @@ def build_text_task(cfg: TrainConfig, device: str) -> Task:
         return [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
 
     summary = (
+        f"{data_check}\n"
         f"data: {stats.summary(cfg.max_seq_length)}; layout `{builder.data_format}`; "
         f"{len(train_samples)} train / {len(eval_samples)} validation samples. "
         f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {sorted(peft_model.peft_config['default'].target_modules)}: "
