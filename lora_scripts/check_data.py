@@ -12,8 +12,6 @@ from lora_scripts.config import TrainConfig
 from lora_scripts.datacheck import Report, check_image_dataset, check_text_samples, fix_dataset
 from lora_scripts.errors import UserError
 
-DEFAULT_RESOLUTION = {"sdxl": 1024}
-
 
 def build_check_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The check-data options (after --config/--set)."""
@@ -64,11 +62,13 @@ def image_report(cfg: TrainConfig, embeddings_file: Path | None):
     """Doctor findings for an image task's data, plus the index they came from."""
     from lora_scripts.data.image_index import index_image_dataset
     from lora_scripts.models.sd_detect import detect_sd_family
+    from lora_scripts.tasks.image import default_resolution
 
-    index = index_image_dataset(cfg.train_data_dir, cfg.metadata_path)
-    resolution = 512
-    if Path(cfg.base_model).exists():
-        resolution = DEFAULT_RESOLUTION.get(detect_sd_family(cfg.base_model), 512)
+    index = index_image_dataset(cfg.train_data_dir, cfg.metadata_path, cfg.caption_extension)
+    resolution = cfg.resolution
+    if resolution is None:
+        family = cfg.model_family or (detect_sd_family(cfg.base_model) if Path(cfg.base_model).exists() else "sd1")
+        resolution = default_resolution(family)
     embeddings = None
     if embeddings_file is not None:
         if not embeddings_file.is_file():

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--adapter", type=Path, help="adapter folder (default: output_dir)")
     generate.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength, as <lora:name:0.8>")
     generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--steps", type=int, help="image: sampler steps (default: sample_steps)")
+    generate.add_argument("--seed", type=int, help="image: seed of the first prompt (default: seed)")
+    generate.add_argument("--out-dir", type=Path, help="image: where the PNGs go (default: output_dir/generated)")
 
     config = add("config", help="show the config reference or check a config")
     group = config.add_mutually_exclusive_group(required=True)
@@ -92,11 +95,17 @@ def run(args: argparse.Namespace) -> int:
         if result.status == "done":
             print(f"done: {result.step} steps; LoRA written to {result.output_dir}")
         return 0
+    if args.command == "generate" and cfg.task_type == "image":
+        from lora_scripts.tasks.image_generate import generate_images
+
+        steps, seed = args.steps or cfg.sample_steps, cfg.seed if args.seed is None else args.seed
+        out_dir = args.out_dir or cfg.output_dir / "generated"
+        for path in generate_images(cfg, args.prompt, args.lora_scale, out_dir, steps, seed, args.adapter or cfg.output_dir):
+            print(path)
+        return 0
     if args.command == "generate":
         from lora_scripts.tasks.text_infer import generate
 
-        if cfg.task_type != "text-generation":
-            raise UserError("generate for image LoRAs is not available yet")
         adapter = args.adapter or cfg.output_dir
         for prompt, text in zip(args.prompt, generate(cfg, args.prompt, args.max_new_tokens, adapter, args.lora_scale)):
             print(f">>> {prompt}\n{text}")

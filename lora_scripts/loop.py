@@ -79,11 +79,12 @@ def train(cfg: TrainConfig, resume_hint: str = "") -> TrainResult:
     task = build_task(cfg, accelerator.device.type)
     if not task.train_set:
         raise UserError(f"{cfg.train_data_dir}: no training samples")
-    batcher = task.batcher or shuffled_batches(len(task.train_set), cfg.batch_size, cfg.seed)
+    world = accelerator.num_processes  # micro-batches are global; each process takes its share
+    batcher = task.batcher or shuffled_batches(len(task.train_set), cfg.batch_size * world, cfg.seed)
     plan = StepPlan(batcher, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
     params = [p for p in task.model.parameters() if p.requires_grad]
     check_free_space(out, sum(p.numel() * p.element_size() for p in params), cfg.save_total_limit)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(task.param_groups or params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=plan.total_steps)
     model, optimizer = accelerator.prepare(task.model, optimizer)
     tqdm.write(task.summary)
@@ -131,7 +132,8 @@ def train(cfg: TrainConfig, resume_hint: str = "") -> TrainResult:
     with StopRequest() as stop, tqdm(total=plan.total_steps, initial=step, disable=not accelerator.is_local_main_process, dynamic_ncols=True) as bar:
         while step < plan.total_steps:
             step += 1
-            loss, units, grad_norm, processed, split = _step_with_retry(model, task, plan.micro_batches(step - 1), params, optimizer, accelerator, cfg, step, split)
+            shard = [idx[accelerator.process_index :: world] for idx in plan.micro_batches(step - 1)]
+            loss, units, grad_norm, processed, split = _step_with_retry(model, task, shard, params, optimizer, accelerator, cfg, step, split)
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 if cfg.nan_policy == "stop":
                     where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
@@ -141,6 +143,8 @@ def train(cfg: TrainConfig, resume_hint: str = "") -> TrainResult:
                 window["loss"] += loss * units
                 window["units"] += units
             scheduler.step()
+            if task.after_step is not None:
+                task.after_step(step)
             window["processed"] += processed
             bar.update(1)
             maybe_kill("kill_after_step", step)

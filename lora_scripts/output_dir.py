@@ -15,7 +15,8 @@ from lora_scripts.errors import UserError
 # Keys that may change between an interrupted run and its resume without breaking it.
 RESUME_HARMLESS_KEYS = {
     "epochs", "max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
-    "resume", "nan_policy", "output_name",
+    "resume", "nan_policy", "output_name", "sample_prompts", "sample_every_n_steps", "sample_steps",
+    "cache_latents_to_disk", "cache_dir",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `lora-scripts ARGS` in a subprocess; returns the finished process (never raises)."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `lora-scripts ARGS` in a subprocess; returns the finished process (never raises).
+
+    Torch runs on one thread (tiny models are far faster so on a busy 2-core machine); `env`
+    adds or overrides variables.
+    """
     return subprocess.run(
         [sys.executable, "-m", "lora_scripts.cli", *args],
         cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 

@@ -81,6 +81,14 @@ def test_incremental_training_starts_from_existing_lora(tmp_path, tiny_llm_dir):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
 
+    (tmp_path / "from_file").mkdir()
+    from_file = text_config(tmp_path / "from_file", tiny_llm_dir, max_steps=1, learning_rate=1e-12,
+                            init_lora_weights=str(tmp_path / "out" / "adapter_model.safetensors"))
+    proc = run_cli("train", "--config", str(from_file))
+    assert proc.returncode == 0, proc.stderr
+    c = load_file(tmp_path / "from_file" / "out" / "adapter_model.safetensors")
+    assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-6
+
     wrong = text_config(tmp_path / "second", tiny_llm_dir, lora_rank=8, output_dir=str(tmp_path / "third"),
                         init_lora_weights=str(tmp_path / "out"))
     proc = run_cli("train", "--config", str(wrong))

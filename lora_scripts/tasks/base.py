@@ -36,6 +36,8 @@ class Task:
     fingerprint: dict[str, str] = field(default_factory=dict)
     summary: str = ""
     nan_advice: str = ""
+    param_groups: list[dict[str, Any]] | None = None  # optimizer groups with their own "lr"; default: one at learning_rate
+    after_step: Callable[[int], None] | None = None  # called after every optimizer step with its number
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The LoRA parameters by name (what a resume must restore exactly)."""

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from lora_scripts.check_data import check_text_rows, summary_line
@@ -62,17 +64,25 @@ def compute_dtype(cfg: TrainConfig, device: str) -> torch.dtype:
 
 
 def attach_lora(model: nn.Module, cfg: TrainConfig) -> PeftModel:
-    """Wrap the base model with a fresh LoRA, or with the one named by `init_lora_weights`."""
-    if cfg.init_lora_weights is None:
-        lora = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules or default_target_modules(model),
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, lora)
-    source = Path(cfg.init_lora_weights)
+    """Wrap the base model with a fresh LoRA, or with the one named by `init_lora_weights`:
+    a PEFT adapter folder, or a PEFT `adapter_model.safetensors` file (shaped by this config)."""
+    source = cfg.init_lora_weights
+    if source is not None and source.is_dir():
+        return _load_adapter_folder(model, cfg, source)
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules or default_target_modules(model),
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    if source is not None:
+        _load_adapter_file(peft_model, cfg, source)
+    return peft_model
+
+
+def _load_adapter_folder(model: nn.Module, cfg: TrainConfig, source: Path) -> PeftModel:
     config_file = source / "adapter_config.json"
     if not config_file.is_file():
         raise UserError(f"init_lora_weights {source}: not a PEFT adapter folder (no adapter_config.json)")
@@ -83,6 +93,26 @@ def attach_lora(model: nn.Module, cfg: TrainConfig) -> PeftModel:
         return PeftModel.from_pretrained(model, str(source), is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UserError(f"init_lora_weights {source}: does not fit base_model {cfg.base_model} ({str(exc).splitlines()[0]})") from None
+
+
+def _load_adapter_file(peft_model: PeftModel, cfg: TrainConfig, source: Path) -> None:
+    if source.suffix != ".safetensors" or not source.is_file():
+        raise UserError(f"init_lora_weights {source}: expected a PEFT adapter folder or an adapter .safetensors file")
+    try:
+        weights = load_file(str(source))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"init_lora_weights {source}: not a readable safetensors file ({exc})") from None
+    ranks = {t.shape[0] for k, t in weights.items() if "lora_A" in k}
+    if not ranks:
+        raise UserError(f"init_lora_weights {source}: holds no PEFT LoRA weights (no `lora_A` keys)")
+    if ranks != {cfg.lora_rank}:
+        raise UserError(f"init_lora_weights {source}: rank {sorted(ranks)[0]} differs from lora_rank {cfg.lora_rank}; set lora_rank: {sorted(ranks)[0]}")
+    try:
+        result = set_peft_model_state_dict(peft_model, weights)
+    except RuntimeError as exc:
+        raise UserError(f"init_lora_weights {source}: does not fit base_model {cfg.base_model} ({str(exc).splitlines()[0]})") from None
+    if result.unexpected_keys:
+        raise UserError(f"init_lora_weights {source}: {len(result.unexpected_keys)} weights match no module of base_model {cfg.base_model} (e.g. {result.unexpected_keys[0]})")
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

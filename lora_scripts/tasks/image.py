@@ -1,0 +1,227 @@
+"""Image task: a Stable Diffusion (SD1, SD2, SDXL) LoRA, saved for AUTOMATIC1111 / ComfyUI.
+
+`preflight` checks the config, base model and dataset in seconds; `build_image_task` loads the
+model, caches VAE latents (and text-encoder outputs when the encoder is frozen and captions
+fixed), attaches PEFT LoRA on kohya's modules, and hands the shared loop a `Task`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_scripts.config import TrainConfig
+from lora_scripts.data.image_buckets import bucket_batcher
+from lora_scripts.data.image_cache import LatentCache, LatentRequest, module_fingerprint
+from lora_scripts.datacheck.caption_checks import tag_frequency
+from lora_scripts.errors import UserError
+from lora_scripts.export.kohya import LoraTrainingFacts, kohya_metadata, peft_to_kohya_state_dict, save_diffusers_lora, save_kohya_lora
+from lora_scripts.models.sd import SDComponents, load_sd_components
+from lora_scripts.models.sd_detect import detect_sd_family
+from lora_scripts.schedule import StepPlan
+from lora_scripts.tasks.base import Task
+from lora_scripts.tasks.image_data import ImageCollate, ImageSample, count_images, select_images
+from lora_scripts.tasks.image_model import LossSettings, SDLoRAModel, attach_lora, param_groups, tokenize
+from lora_scripts.tasks.image_samples import SampleRenderer, read_sample_prompts
+from lora_scripts.tasks.text import compute_dtype
+
+NAN_ADVICE = (
+    "usually the learning rate is too high (try half), or fp16 overflowed (use bf16 or mixed_precision: no); "
+    "SDXL's VAE overflows in fp16: set no_half_vae: true"
+)
+DEFAULT_CACHE_FOLDER = ".lora_cache"
+
+
+def default_resolution(family: str) -> int:
+    """The training resolution a family was made for."""
+    return 1024 if family == "sdxl" else 512
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Check option combinations, the base model and every image before loading any weights.
+
+    Raises UserError listing every config problem, or naming the bad model or images.
+    """
+    problems = config_problems(cfg)
+    if problems:
+        raise UserError("\n".join(problems))
+    family = detect_sd_family(cfg.base_model, cfg.model_family, cfg.allow_unsafe_pickle)
+    select_images(cfg, cfg.resolution or default_resolution(family), report=True)
+    read_sample_prompts(cfg.sample_prompts)
+
+
+def config_problems(cfg: TrainConfig) -> list[str]:
+    """Image-task key combinations that cannot work, one line each."""
+    problems = []
+    if cfg.random_crop and cfg.cache_latents:
+        problems.append("random_crop needs a new crop every time, which cached latents cannot give; set cache_latents: false")
+    if cfg.validation_split or cfg.validation_file:
+        problems.append("validation loss is not available for the image task; remove validation_split/validation_file and watch sample_prompts instead")
+    if cfg.init_lora_weights is not None:
+        problems.append("init_lora_weights is not supported for the image task yet; remove it to train a new LoRA")
+    if cfg.resolution is not None and cfg.resolution % 8:
+        problems.append(f"resolution {cfg.resolution} must be a multiple of 8 (the VAE's pixel grid)")
+    if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
+        problems.append("text_encoder_lr is set but train_text_encoder is false; set train_text_encoder: true or remove text_encoder_lr")
+    if cfg.cache_latents_to_disk and not cfg.cache_latents:
+        problems.append("cache_latents_to_disk needs cache_latents: true")
+    return problems
+
+
+@dataclass
+class RunClock:
+    """The step the run has reached (set after each optimizer step) and when it started."""
+
+    step: int
+    started_at: float
+
+
+def build_image_task(cfg: TrainConfig, device: str) -> Task:
+    """Load the base model and data, cache what stays fixed, attach LoRA; the Task for the loop."""
+    components, model, vae_id = load_model(cfg, device)
+    resolution = cfg.resolution or default_resolution(components.family)
+    samples = select_images(cfg, resolution, report=False)
+    cache_note = "latents: encoded every step"
+    if cfg.cache_latents:
+        cache_note = cache_latents(model, samples, cfg, vae_id)
+    text_cache = None
+    if not cfg.train_text_encoder and not cfg.shuffle_caption:
+        text_cache = cache_text_outputs(model, components, samples, cfg.caption_dropout_rate > 0)
+    unet_modules, text_modules = attach_lora(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        for encoder in model.text_encoders if cfg.train_text_encoder else []:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batcher = bucket_batcher([s.placement.bucket for s in samples], [s.record.repeats for s in samples], cfg.batch_size, cfg.seed)
+    plan = StepPlan(batcher, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
+    clock = RunClock(0, time.time())
+    renderer = SampleRenderer(components, model, read_sample_prompts(cfg.sample_prompts), cfg.output_dir, resolution, cfg.sample_steps, cfg.seed)
+
+    def after_step(step: int) -> None:
+        clock.step = step
+        due = cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0
+        if renderer.prompts and (due or step == plan.total_steps):
+            renderer(step)
+
+    def save_adapter(folder: Path, name: str) -> list[Path]:
+        if cfg.save_format == "diffusers":
+            save_diffusers_lora(folder, model.unet, list(model.text_encoders))
+            return [folder / "pytorch_lora_weights.safetensors"]
+        path = folder / f"{name}.safetensors"
+        facts = training_facts(cfg, components.family, resolution, samples, clock, plan)
+        save_kohya_lora(path, peft_to_kohya_state_dict(model.unet, list(model.text_encoders), components.family), kohya_metadata(facts))
+        return [path]
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary = (
+        f"{components.family} ({components.prediction_type}), resolution {resolution}; "
+        f"{len(samples)} images ({sum(s.record.repeats for s in samples)} per epoch with repeats) in buckets "
+        f"{bucket_counts(samples)}; {cache_note}; text encoder outputs {'computed every step' if text_cache is None else 'cached'}. "
+        f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {unet_modules} UNet + {text_modules} text-encoder modules: "
+        f"{trainable:,} trainable parameters"
+    )
+    return Task(
+        model=model,
+        train_set=samples,
+        eval_set=[],
+        collate=ImageCollate(cfg, lambda captions: tokenize(components.tokenizers, captions), text_cache, components.family == "sdxl"),
+        loss=lambda wrapped, batch: wrapped(batch),
+        count_units=count_images,
+        count_processed=count_images,
+        save_adapter=save_adapter,
+        unit_name="images",
+        batcher=batcher,
+        fingerprint={"base_model": str(cfg.base_model), "data": data_fingerprint(samples)},
+        summary=summary,
+        nan_advice=NAN_ADVICE,
+        param_groups=param_groups(model, cfg),
+        after_step=after_step,
+    )
+
+
+def load_model(cfg: TrainConfig, device: str) -> tuple[SDComponents, SDLoRAModel, str]:
+    """The base model on `device` in the training dtypes (float32 VAE with no_half_vae), without
+    LoRA yet, and the VAE's cache id (a hash of its float32 weights plus the dtype it runs in)."""
+    components = load_sd_components(cfg.base_model, cfg.model_family, cfg.allow_unsafe_pickle, torch.float32, cfg.model_config_dir)
+    weight_dtype = compute_dtype(cfg, device)
+    vae_dtype = torch.float32 if cfg.no_half_vae else weight_dtype
+    vae_id = f"{module_fingerprint(components.vae)}-{vae_dtype}"
+    if weight_dtype != torch.float32:
+        for part in (components.unet, *components.text_encoders):
+            part.to(weight_dtype)
+        components.vae.to(vae_dtype)
+    settings = LossSettings(components.prediction_type, cfg.train_text_encoder, cfg.noise_offset, cfg.min_snr_gamma)
+    model = SDLoRAModel(components, settings).to(device).eval()
+    return components, model, vae_id
+
+
+def cache_latents(model: SDLoRAModel, samples: list[ImageSample], cfg: TrainConfig, vae_id: str) -> str:
+    """Fill every sample's latents (and mirrored latents with flip_aug) once; returns a summary.
+
+    Raises UserError when the VAE gives non-finite latents (SDXL's VAE in fp16).
+    """
+    folder = (cfg.cache_dir or cfg.train_data_dir / DEFAULT_CACHE_FOLDER) if cfg.cache_latents_to_disk else None
+    cache = LatentCache(vae_id, folder)
+    flips = [False, True] if cfg.flip_aug else [False]
+    requests = [LatentRequest(s.record.path, s.content_hash, s.placement, s.placement.center_crop, flip)
+                for flip in flips for s in samples]
+    latents = cache.fill(requests, model.encode_pixels, cfg.batch_size)
+    if not all(torch.isfinite(latent).all() for latent in latents):
+        raise UserError("the VAE produced non-finite latents (NaN/inf); with mixed_precision fp16 set no_half_vae: true")
+    for i, sample in enumerate(samples):
+        sample.latents = latents[i]
+        if cfg.flip_aug:
+            sample.latents_flipped = latents[len(samples) + i]
+    where = f" (disk cache {folder})" if folder else ""
+    return f"latents: {cache.stats.encoded} encoded, {cache.stats.from_disk} from disk cache{where}"
+
+
+@torch.no_grad()
+def cache_text_outputs(model: SDLoRAModel, components: SDComponents, samples: list[ImageSample],
+                       with_empty: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Text-encoder outputs of every distinct caption (plus "" for caption dropout), on the CPU."""
+    captions = sorted({s.record.caption for s in samples} | ({""} if with_empty else set()))
+    device = next(model.unet.parameters()).device
+    cache = {}
+    for start in range(0, len(captions), 16):
+        chunk = captions[start : start + 16]
+        embeds, pooled = model.encode_text([ids.to(device) for ids in tokenize(components.tokenizers, chunk)])
+        for i, caption in enumerate(chunk):
+            cache[caption] = (embeds[i].float().cpu(), None if pooled is None else pooled[i].float().cpu())
+    return cache
+
+
+def training_facts(cfg: TrainConfig, family: str, resolution: int, samples: list[ImageSample],
+                   clock: RunClock, plan: StepPlan) -> LoraTrainingFacts:
+    """What the kohya metadata records about this run at its current step."""
+    return LoraTrainingFacts(
+        family=family, output_name=cfg.effective_output_name, base_model=cfg.base_model,
+        network_dim=cfg.lora_rank, network_alpha=cfg.lora_alpha, resolution=(resolution, resolution),
+        learning_rate=cfg.learning_rate, steps=clock.step, epoch=-(-clock.step // plan.steps_per_epoch),
+        seed=cfg.seed, training_started_at=clock.started_at, training_finished_at=time.time(),
+        unet_lr=cfg.learning_rate, text_encoder_lr=(cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else None,
+        mixed_precision=cfg.mixed_precision, lr_scheduler=cfg.lr_scheduler, batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_epochs=cfg.epochs,
+        max_train_steps=plan.total_steps, num_train_images=sum(s.record.repeats for s in samples),
+        noise_offset=cfg.noise_offset or None, min_snr_gamma=cfg.min_snr_gamma,
+        tag_frequency=tag_frequency([s.record for s in samples]),
+    )
+
+
+def bucket_counts(samples: list[ImageSample]) -> str:
+    """`64x64: 3, 128x64: 1`, by bucket."""
+    counts: dict[tuple[int, int], int] = {}
+    for sample in samples:
+        counts[sample.placement.bucket] = counts.get(sample.placement.bucket, 0) + 1
+    return ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
+
+
+def data_fingerprint(samples: list[ImageSample]) -> str:
+    """A hash of what the run trains on: image files and contents, captions, repeats, buckets."""
+    rows = [[s.record.rel, s.content_hash, s.record.caption, s.record.repeats, s.placement.bucket] for s in samples]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
