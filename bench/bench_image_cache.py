@@ -1,7 +1,7 @@
 """What latent caching buys: epoch 1 (which fills the caches) against epoch 2 on a tiny SD1.5-shaped
 model, plus an uncached run for reference, and the process's peak memory.
 
-    .venv/bin/python bench/bench_image_cache.py [--images 16] [--size 1536x1024] [--resolution 64]
+    .venv/bin/python bench/bench_image_cache.py [--images 16] [--size 4032x3024] [--resolution 64]
 
 The data are camera-sized JPEGs (the guide asks for >= 512 px; photos are larger), so epoch 1
 pays what real runs pay once: decoding and downscaling every photo and encoding it with the
@@ -82,7 +82,7 @@ def run_epochs(cfg: TrainConfig, epochs: int) -> tuple[dict[str, float], list[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--size", default="1536x1024", help="source photo size WxH")
+    parser.add_argument("--size", default="4032x3024", help="source photo size WxH")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--bucket-steps", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)

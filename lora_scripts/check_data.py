@@ -6,11 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from lora_scripts.config import TrainConfig
-from lora_scripts.datacheck import Report, check_image_dataset, check_text_samples, fix_dataset
 from lora_scripts.errors import UserError
+
+if TYPE_CHECKING:
+    from lora_scripts.datacheck import Report
 
 
 def build_check_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -38,6 +40,7 @@ def text_report(cfg: TrainConfig) -> Report:
 def check_text_rows(builder, rows: list, validation_rows: list) -> Report:
     """Doctor findings for text rows as `builder` renders and tokenizes them."""
     from lora_scripts.data.text_samples import template_fields
+    from lora_scripts.datacheck import check_text_samples
 
     samples = [(*builder.render(row, source), source) for row, source in rows]
     return check_text_samples(
@@ -60,7 +63,10 @@ def summary_line(report: Report) -> str:
 
 def image_report(cfg: TrainConfig, embeddings_file: Path | None):
     """Doctor findings for an image task's data, plus the index they came from."""
+    import numpy as np
+
     from lora_scripts.data.image_index import index_image_dataset
+    from lora_scripts.datacheck import check_image_dataset
     from lora_scripts.models.sd_detect import detect_sd_family
     from lora_scripts.tasks.image import default_resolution
 
@@ -92,5 +98,7 @@ def run_check_data(cfg: TrainConfig, args: argparse.Namespace) -> int:
         if not args.json:
             print(f"HTML report: {args.html}")
     if args.fix and index is not None:
+        from lora_scripts.datacheck import fix_dataset
+
         print(fix_dataset(index, report, max_side=args.max_side).format_terminal())
     return 1 if report.has_blocking else 0

@@ -12,7 +12,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_scripts.atomic import fsync_dir, fsync_tree
 from lora_scripts.errors import UserError
 from lora_scripts.faults import maybe_kill
 
@@ -27,45 +29,6 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 PARAMS_FILE = "lora_params.safetensors"
 OPTIM_FILE = "optimizer.pt"
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file in a folder, and the folder itself, to disk."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(folder)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (renames into it) to disk."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(folder: Path, write: Callable[[Path], Any]) -> None:
-    """Run `write(tmp)` into a fresh temporary folder, then move its files into `folder`.
-
-    Each file appears under its final name complete or not at all.
-    """
-    tmp = folder / f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        fsync_tree(tmp)
-        for path in sorted(tmp.rglob("*")):
-            if path.is_file():
-                target = folder / path.relative_to(tmp)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-        fsync_dir(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,6 +60,20 @@ def _to_lists(value: Any) -> Any:
     return value
 
 
+@contextmanager
+def write_errors_explained(target: Path, output_dir: Path, cleanup: Path | None = None) -> Iterator[None]:
+    """Turn a failed write (disk full, I/O error) into one line naming the last good checkpoint."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        done = list_checkpoints(output_dir)
+        last = f"the last complete checkpoint {done[-1]} is intact" if done else "no checkpoint was completed yet"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot write {target} ({reason}); {last}; free disk space, then rerun with resume: true") from exc
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
@@ -110,13 +87,14 @@ def save_checkpoint(
     final = output_dir / f"step_{step}"
     tmp = output_dir / f".step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_adapter(tmp)
-    save_file({k: v.contiguous().cpu() for k, v in params.items()}, str(tmp / PARAMS_FILE))
-    torch.save(training_state, tmp / OPTIM_FILE)
-    maybe_kill("kill_during_save", step)
-    (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-    fsync_tree(tmp)
+    with write_errors_explained(final, output_dir, cleanup=tmp):
+        tmp.mkdir(parents=True)
+        write_adapter(tmp)
+        save_file({k: v.contiguous().cpu() for k, v in params.items()}, str(tmp / PARAMS_FILE))
+        torch.save(training_state, tmp / OPTIM_FILE)
+        maybe_kill("kill_during_save", step)
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+        fsync_tree(tmp)
     if final.exists():  # re-saving a step after a resume: swap, never leave a gap
         old = output_dir / f".step_{step}.old"
         shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from lora_scripts.check_data import build_check_parser
-    from lora_scripts.label import DESCRIPTION as LABEL_DESCRIPTION, build_label_parser
+    from lora_scripts.labeling.args import DESCRIPTION as LABEL_DESCRIPTION, build_label_parser
 
     parser = argparse.ArgumentParser(prog="lora-scripts", description="Config-driven LoRA training for Stable Diffusion and LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -22,7 +22,15 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from lora_scripts.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomically
+from lora_scripts.atomic import write_atomically
+from lora_scripts.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_errors_explained,
+)
 from lora_scripts.config import TrainConfig
 from lora_scripts.errors import UserError
 from lora_scripts.faults import fault_due, maybe_kill
@@ -266,5 +274,6 @@ def _write_final(cfg: TrainConfig, task: Task, history: dict) -> None:
         task.save_adapter(tmp, cfg.effective_output_name)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8")
 
-    write_atomically(out, write)
+    with write_errors_explained(out / CONFIG_FILE, out):
+        write_atomically(out, write)
     plot_loss_curve(history, out / "loss_curve.png")

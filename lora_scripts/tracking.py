@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_scripts.checkpoint import write_atomically
+from lora_scripts.atomic import write_atomically
 
 
 class Tracker:

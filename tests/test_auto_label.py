@@ -20,7 +20,8 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from lora_scripts.errors import UserError
-from lora_scripts.label import build_label_parser, run_label
+from lora_scripts.label import run_label
+from lora_scripts.labeling.args import build_label_parser
 from lora_scripts.labeling.candidates import DEFAULT_CATEGORIES
 from tests.tiny_clip import build_tiny_clip
 

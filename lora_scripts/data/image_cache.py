@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lora_scripts.atomic import write_atomically
 from lora_scripts.data.image_buckets import Placement
 from lora_scripts.data.image_pixels import training_pixels
 from lora_scripts.errors import UserError
@@ -125,7 +125,4 @@ class LatentCache:
     def _write(self, key: str, latent: torch.Tensor) -> None:
         if self.folder is None:
             return
-        path = self.folder / f"{key}.safetensors"
-        tmp = self.folder / f".{key}.{os.getpid()}.tmp"
-        save_file({"latents": latent}, str(tmp))
-        os.replace(tmp, path)
+        write_atomically(self.folder, lambda tmp: save_file({"latents": latent}, str(tmp / f"{key}.safetensors")))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from PIL import Image, ImageOps
 
 from lora_scripts.data.image_index import REJECTED_FOLDER, ImageIndex, normalized_row_path, read_metadata_table
 from lora_scripts.datacheck.report import Report
-from lora_scripts.labeling.outputs import write_atomically
+from lora_scripts.atomic import write_atomically, write_bytes_atomically
 
 # Findings whose items are moved out of the dataset (for duplicates the first copy stays).
 MOVED_CHECKS = ("unreadable", "exact_duplicate")
@@ -99,7 +98,7 @@ def _drop_metadata_rows(root: Path, metadata_path: Path, moved_paths: set[Path])
     csv.writer(buffer, lineterminator="\n").writerows(kept)
     backup = _free_path(metadata_path.with_name(metadata_path.name + ".bak"))
     shutil.copy2(metadata_path, backup)
-    write_atomically(metadata_path, (b"\xef\xbb\xbf" if table.has_bom else b"") + buffer.getvalue().encode("utf-8"))
+    write_bytes_atomically(metadata_path, (b"\xef\xbb\xbf" if table.has_bom else b"") + buffer.getvalue().encode("utf-8"))
     return backup
 
 
@@ -117,10 +116,5 @@ def _shrink(path: Path, max_side: int, original_copy: Path) -> str | None:
     target = _free_path(original_copy)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(path, target)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        resized.save(temporary, format=image_format, **save_options)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_atomically(path.parent, lambda tmp: resized.save(tmp / path.name, format=image_format, **save_options))
     return f"{before[0]}x{before[1]} -> {resized.width}x{resized.height} (original in {target})"

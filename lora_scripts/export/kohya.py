@@ -26,7 +26,7 @@ from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save
 
-from lora_scripts.checkpoint import write_atomically
+from lora_scripts.atomic import write_atomically
 from lora_scripts.errors import UserError
 from lora_scripts.models.sd_detect import check_family
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from lora_scripts.data.image_index import IMAGE_EXTENSIONS
 
 
 def find_images(root: Path) -> list[str]:

@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lora_scripts.atomic import write_bytes_atomically
 from lora_scripts.errors import UserError
 
 METADATA_FIELDS = ["filename", "prompt"]
-
-
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Write `payload` to a temporary file next to `path`, then rename it over `path`.
-
-    A crash mid-write leaves the old file intact instead of a half-written one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(payload)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def sidecar_path(root: Path, relative_image: str) -> Path:
@@ -86,11 +72,11 @@ class MetadataCsv:
         writer = csv.DictWriter(buffer, fieldnames=self.fieldnames, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
-        write_atomically(path, buffer.getvalue().encode("utf-8"))
+        write_bytes_atomically(path, buffer.getvalue().encode("utf-8"))
 
 
 def write_embeddings(path: Path, embeddings: dict[str, np.ndarray]) -> None:
     """Save `{relative image path: unit vector}` as an .npz archive, atomically."""
     buffer = io.BytesIO()
     np.savez(buffer, **embeddings)
-    write_atomically(path, buffer.getvalue())
+    write_bytes_atomically(path, buffer.getvalue())

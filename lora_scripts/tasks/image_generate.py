@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lora_scripts.checkpoint import write_atomically
+from lora_scripts.atomic import write_atomically
 from lora_scripts.config import TrainConfig
 from lora_scripts.errors import UserError
 from lora_scripts.models.sd import load_sd_components

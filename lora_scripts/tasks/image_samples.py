@@ -18,7 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from lora_scripts.checkpoint import write_atomically
+from lora_scripts.atomic import write_atomically
 from lora_scripts.errors import UserError
 from lora_scripts.models.sd import SDComponents
 

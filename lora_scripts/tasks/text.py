@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -39,6 +39,8 @@ NAN_ADVICE = (
 def preflight(cfg: TrainConfig) -> None:
     """Check base model and data paths before loading anything large."""
     check_llm_path(cfg.base_model)
+    if cfg.init_lora_weights is not None:
+        check_init_lora(cfg.init_lora_weights, cfg.lora_rank)
     for path in filter(None, [cfg.train_data_dir, cfg.validation_file]):
         rows = read_rows(path)
         validate_rows(rows, detect_format(rows, cfg.data_format, cfg.prompt_template), cfg.prompt_template)
@@ -82,13 +84,32 @@ def attach_lora(model: nn.Module, cfg: TrainConfig) -> PeftModel:
     return peft_model
 
 
+def check_init_lora(source: Path, lora_rank: int) -> None:
+    """Cheap checks of `init_lora_weights`: it exists, is a PEFT adapter, and has our rank."""
+    if source.is_dir():
+        config_file = source / "adapter_config.json"
+        if not config_file.is_file():
+            raise UserError(f"init_lora_weights {source}: not a PEFT adapter folder (no adapter_config.json)")
+        try:
+            rank = json.loads(config_file.read_text(encoding="utf-8")).get("r")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"init_lora_weights {config_file}: not valid JSON; the adapter folder is damaged") from None
+    elif source.is_file() and source.suffix == ".safetensors":
+        try:
+            with safe_open(str(source), "pt") as handle:
+                ranks = {handle.get_slice(k).get_shape()[0] for k in handle.keys() if "lora_A" in k}
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"init_lora_weights {source}: not a readable safetensors file ({exc})") from None
+        if not ranks:
+            raise UserError(f"init_lora_weights {source}: holds no PEFT LoRA weights (no `lora_A` keys)")
+        rank = sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks)
+    else:
+        raise UserError(f"init_lora_weights {source}: not found; expected a PEFT adapter folder or an adapter .safetensors file")
+    if rank != lora_rank:
+        raise UserError(f"init_lora_weights {source}: rank {rank} differs from lora_rank {lora_rank}; set lora_rank: {rank}")
+
+
 def _load_adapter_folder(model: nn.Module, cfg: TrainConfig, source: Path) -> PeftModel:
-    config_file = source / "adapter_config.json"
-    if not config_file.is_file():
-        raise UserError(f"init_lora_weights {source}: not a PEFT adapter folder (no adapter_config.json)")
-    saved = json.loads(config_file.read_text(encoding="utf-8"))
-    if saved.get("r") != cfg.lora_rank:
-        raise UserError(f"init_lora_weights {source}: rank {saved.get('r')} differs from lora_rank {cfg.lora_rank}; set lora_rank: {saved.get('r')}")
     try:
         return PeftModel.from_pretrained(model, str(source), is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -96,19 +117,8 @@ def _load_adapter_folder(model: nn.Module, cfg: TrainConfig, source: Path) -> Pe
 
 
 def _load_adapter_file(peft_model: PeftModel, cfg: TrainConfig, source: Path) -> None:
-    if source.suffix != ".safetensors" or not source.is_file():
-        raise UserError(f"init_lora_weights {source}: expected a PEFT adapter folder or an adapter .safetensors file")
     try:
-        weights = load_file(str(source))
-    except (OSError, SafetensorError) as exc:
-        raise UserError(f"init_lora_weights {source}: not a readable safetensors file ({exc})") from None
-    ranks = {t.shape[0] for k, t in weights.items() if "lora_A" in k}
-    if not ranks:
-        raise UserError(f"init_lora_weights {source}: holds no PEFT LoRA weights (no `lora_A` keys)")
-    if ranks != {cfg.lora_rank}:
-        raise UserError(f"init_lora_weights {source}: rank {sorted(ranks)[0]} differs from lora_rank {cfg.lora_rank}; set lora_rank: {sorted(ranks)[0]}")
-    try:
-        result = set_peft_model_state_dict(peft_model, weights)
+        result = set_peft_model_state_dict(peft_model, load_file(str(source)))
     except RuntimeError as exc:
         raise UserError(f"init_lora_weights {source}: does not fit base_model {cfg.base_model} ({str(exc).splitlines()[0]})") from None
     if result.unexpected_keys:
