@@ -100,18 +100,7 @@ def train(cfg: TrainConfig, resume_hint: str = "") -> TrainResult:
 
     step, history = 0, None
     if cfg.resume and checkpoints:
-        meta, saved_params, state = load_checkpoint(checkpoints[-1])
-        check_resume_compatible(meta, cfg, task.fingerprint)
-        with torch.no_grad():
-            for name, param in task.model.named_parameters():
-                if param.requires_grad:
-                    param.copy_(saved_params[name])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        step, history = meta["step"], meta["history"]
+        step, history = _restore(checkpoints[-1], cfg, task, optimizer, scheduler, accelerator)
         tqdm.write(f"resumed from {checkpoints[-1]} at step {step}")
     elif cfg.resume:
         tqdm.write(f"resume: no checkpoint in {out} yet, starting from step 0")
@@ -134,14 +123,16 @@ def train(cfg: TrainConfig, resume_hint: str = "") -> TrainResult:
         accelerator.wait_for_everyone()
         return folder
 
-    window = {"loss": 0.0, "units": 0, "processed": 0, "time": time.perf_counter(), "skipped": 0}
+    window = {"loss": 0.0, "units": 0, "processed": 0, "busy": 0.0, "skipped": 0}  # "busy": seconds in steps
     status, split = "done", 1
     model.train()
     with StopRequest() as stop, tqdm(total=plan.total_steps, initial=step, disable=not accelerator.is_local_main_process, dynamic_ncols=True) as bar:
         while step < plan.total_steps:
             step += 1
             shard = [idx[accelerator.process_index :: world] for idx in plan.micro_batches(step - 1)]
+            started = time.perf_counter()
             loss, units, grad_norm, processed, split = _step_with_retry(model, task, shard, params, optimizer, accelerator, cfg, step, split)
+            window["busy"] += time.perf_counter() - started
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 if cfg.nan_policy == "stop":
                     where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
@@ -173,6 +164,22 @@ def train(cfg: TrainConfig, resume_hint: str = "") -> TrainResult:
     if status == "done" and accelerator.is_main_process:
         _write_final(cfg, task, tracker.history)
     return TrainResult(status, step, out, last_saved)
+
+
+def _restore(checkpoint: Path, cfg: TrainConfig, task: Task, optimizer, scheduler, accelerator: Accelerator) -> tuple[int, dict]:
+    """Load a checkpoint's LoRA weights, optimizer, scheduler, scaler and RNG; return (step, history)."""
+    meta, saved_params, state = load_checkpoint(checkpoint)
+    check_resume_compatible(meta, cfg, task.fingerprint)
+    with torch.no_grad():
+        for name, param in task.model.named_parameters():
+            if param.requires_grad:
+                param.copy_(saved_params[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return meta["step"], meta["history"]
 
 
 def backward_group(model, task: Task, batches: list, accelerator: Accelerator, step: int = 0) -> tuple[float, int]:
@@ -255,15 +262,14 @@ def evaluate(model, task: Task, batch_size: int) -> float:
 
 
 def _log_window(window: dict, tracker: Tracker, bar: tqdm, step: int, lr: float, grad_norm: float, unit_name: str) -> None:
-    elapsed = max(time.perf_counter() - window["time"], 1e-9)
-    scalars = {"lr": lr, "grad_norm": grad_norm, f"{unit_name}_per_sec": window["processed"] / elapsed}
+    scalars = {"lr": lr, "grad_norm": grad_norm, f"{unit_name}_per_sec": window["processed"] / max(window["busy"], 1e-9)}
     if window["units"]:
         scalars["loss"] = window["loss"] / window["units"]
     if window["skipped"]:
         scalars["skipped_steps"] = window["skipped"]
     tracker.log(step, scalars)
     bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", **{f"{unit_name}/s": f"{scalars[f'{unit_name}_per_sec']:.0f}"})
-    window.update(loss=0.0, units=0, processed=0, time=time.perf_counter(), skipped=0)
+    window.update(loss=0.0, units=0, processed=0, busy=0.0, skipped=0)
 
 
 def _write_final(cfg: TrainConfig, task: Task, history: dict) -> None:
