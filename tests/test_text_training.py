@@ -106,3 +106,17 @@ def test_real_smollm2_gguf_trains_a_few_steps(tmp_path):
     assert (tmp_path / "out" / "step_2" / "adapter_model.safetensors").is_file()
     weights = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert len(weights) == 30 * 7 * 2  # 30 blocks x 7 linear layers x (A, B)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_llm_dir):
+    outputs = {}
+    for flag in (False, True):
+        folder = tmp_path / str(flag)
+        folder.mkdir()
+        config = text_config(folder, tiny_llm_dir, max_steps=2, gradient_checkpointing=flag)
+        proc = run_cli("train", "--config", str(config))
+        assert proc.returncode == 0, proc.stderr
+        outputs[flag] = load_file(folder / "out" / "adapter_model.safetensors")
+    plain, checkpointed = outputs[False], outputs[True]
+    assert max((plain[k] - checkpointed[k]).abs().max().item() for k in plain) < 1e-6
+    assert any(plain[k].abs().max() > 0 for k in plain if "lora_B" in k)

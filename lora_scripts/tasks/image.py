@@ -96,7 +96,7 @@ def build_image_task(cfg: TrainConfig, device: str) -> Task:
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for encoder in model.text_encoders if cfg.train_text_encoder else []:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     batcher = bucket_batcher([s.placement.bucket for s in samples], [s.record.repeats for s in samples], cfg.batch_size, cfg.seed)
     plan = StepPlan(batcher, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
     clock = RunClock(0, time.time())

@@ -175,7 +175,7 @@ def build_text_task(cfg: TrainConfig, device: str) -> Task:
     else:
         train_samples, eval_samples = split_validation(samples, cfg.validation_split, cfg.seed)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     peft_model = attach_lora(model, cfg)
