@@ -24,7 +24,6 @@ from transformers import get_scheduler
 
 from lora_scripts.atomic import write_atomically
 from lora_scripts.checkpoint import (
-    list_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,

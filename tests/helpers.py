@@ -11,6 +11,19 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+SPEC_BASE_MODEL = "./models/Stable-diffusion/v1-5-pruned.safetensors"
+# The spec's config, verbatim but for `base_model` (fill with .format(base_model=...)).
+SPEC_CONFIG = """# configs/my_lora_config.yaml
+train_data_dir: "./data/style_train"
+metadata_path: "./data/style_train/metadata.csv"
+base_model: "{base_model}"
+lora_rank: 8
+batch_size: 4
+epochs: 10
+learning_rate: 2e-4
+output_dir: "./output/my_style_lora"
+save_steps: 100
+"""
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

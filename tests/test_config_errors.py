@@ -6,19 +6,10 @@ from __future__ import annotations
 import pytest
 
 from lora_scripts.config import load_config, schema_markdown
-from tests.helpers import REPO, run_cli, write_config, write_qa_jsonl
+from tests.helpers import REPO, SPEC_BASE_MODEL, run_cli, write_config, write_qa_jsonl
+from tests.helpers import SPEC_CONFIG as SPEC_TEMPLATE
 
-SPEC_CONFIG = """\
-train_data_dir: "./data/style_train"
-metadata_path: "./data/style_train/metadata.csv"
-base_model: "./models/Stable-diffusion/v1-5-pruned.safetensors"
-lora_rank: 8
-batch_size: 4
-epochs: 10
-learning_rate: 2e-4
-output_dir: "./output/my_style_lora"
-save_steps: 100
-"""
+SPEC_CONFIG = SPEC_TEMPLATE.format(base_model=SPEC_BASE_MODEL)
 
 
 def test_spec_config_validates_verbatim(tmp_path):

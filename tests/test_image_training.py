@@ -14,23 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_scripts.config import load_config
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, SPEC_BASE_MODEL, SPEC_CONFIG, run_cli
 from tests.image_helpers import image_config, max_change, train_in_process, trained_model, write_dataset
 from lora_scripts.models.sd import load_sd_components
 from tests.test_kohya_format import a1111_find_module, a1111_layer_mapping, comfy_key_map, outputs
 from tests.tiny_sd import make_tiny_sd, single_torch_thread  # noqa: F401  (autouse fixture)
 
-SPEC_CONFIG = """# configs/my_lora_config.yaml
-train_data_dir: "./data/style_train"
-metadata_path: "./data/style_train/metadata.csv"
-base_model: "{base_model}"
-lora_rank: 8
-batch_size: 4
-epochs: 10
-learning_rate: 2e-4
-output_dir: "./output/my_style_lora"
-save_steps: 100
-"""
 
 
 PIPELINES = {"sd1": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
@@ -143,7 +132,7 @@ def test_save_format_diffusers_writes_a_folder_diffusers_loads(tmp_path):
 
 def test_example_config_is_the_specs_and_its_optional_keys_are_valid(tmp_path):
     text = (REPO / "configs" / "examples" / "sd15_style.yaml").read_text(encoding="utf-8")
-    spec_lines = SPEC_CONFIG.format(base_model="./models/Stable-diffusion/v1-5-pruned.safetensors").splitlines()[1:]
+    spec_lines = SPEC_CONFIG.format(base_model=SPEC_BASE_MODEL).splitlines()[1:]
     assert all(line in text.splitlines() for line in spec_lines)
     required, optional = text.split("# --- optional keys")
     uncommented = [line[2:] for line in optional.splitlines()[1:] if line.startswith("# ")]

@@ -6,7 +6,6 @@ model onto disk. GGUF files are dequantized by transformers (`gguf_file=`).
 
 from __future__ import annotations
 
-import json
 import pickle
 from functools import lru_cache
 from pathlib import Path
@@ -16,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from lora_scripts.errors import UserError
+from lora_scripts.errors import UserError, read_json
 
 # First bytes of the pre-GGUF llama.cpp formats (GGML, GGMF, GGJT), as read little-endian.
 _GGML_MAGICS = {b"lmgg", b"fmgg", b"tjgg"}
@@ -42,10 +41,7 @@ def check_llm_path(base_model: str) -> None:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"base_model {path}: folder has no config.json; point it at a Hugging Face model folder or a .gguf file")
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"base_model {config_file}: not valid JSON; the model folder is damaged") from None
+    model_type = read_json(config_file, "base_model").get("model_type")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(
             f"base_model {path}: architecture `{model_type}` is not a causal language model "

@@ -25,7 +25,7 @@ from lora_scripts.data.text_samples import (
     split_validation,
     validate_rows,
 )
-from lora_scripts.errors import UserError
+from lora_scripts.errors import UserError, read_json
 from lora_scripts.models.llm import check_llm_path, load_llm
 from lora_scripts.tasks.base import Batch, Task
 
@@ -90,10 +90,7 @@ def check_init_lora(source: Path, lora_rank: int) -> None:
         config_file = source / "adapter_config.json"
         if not config_file.is_file():
             raise UserError(f"init_lora_weights {source}: not a PEFT adapter folder (no adapter_config.json)")
-        try:
-            rank = json.loads(config_file.read_text(encoding="utf-8")).get("r")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"init_lora_weights {config_file}: not valid JSON; the adapter folder is damaged") from None
+        rank = read_json(config_file, "init_lora_weights").get("r")
     elif source.is_file() and source.suffix == ".safetensors":
         try:
             with safe_open(str(source), "pt") as handle:
