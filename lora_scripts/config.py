@@ -64,8 +64,9 @@ class TrainConfig(BaseModel):
     )
     init_lora_weights: Path | None = Field(
         None,
-        description="Incremental training: start from an existing LoRA (a PEFT adapter folder "
-        "or a `.safetensors` file) instead of a fresh one.",
+        description="Incremental training: start from an existing LoRA instead of a fresh one: a PEFT "
+        "adapter folder or its `.safetensors` (text), a kohya/A1111 `.safetensors` (image). Rank and "
+        "alpha must match.",
     )
 
     # --- optimisation --------------------------------------------------------------------

@@ -140,3 +140,25 @@ def test_example_config_is_the_specs_and_its_optional_keys_are_valid(tmp_path):
     config.write_text(required + "\n".join(uncommented) + "\n", encoding="utf-8")
     cfg = load_config(config)
     assert len(uncommented) == 21 and cfg.task_type == "image" and cfg.sample_every_n_steps == 100
+
+
+def test_incremental_training_starts_from_an_earlier_kohya_lora(tmp_path):
+    tiny = make_tiny_sd(tmp_path, "sd1")
+    write_dataset(tmp_path / "data", [(32, 32), (32, 32), (32, 32)])
+    first = image_config(tmp_path, tiny.diffusers_dir, train_text_encoder=True, max_steps=2)
+    train_in_process(first)
+    earlier = load_file(tmp_path / "out" / "out.safetensors")
+    assert any(float(t.abs().max()) > 0 for k, t in earlier.items() if k.endswith("lora_up.weight"))
+
+    second = image_config(tmp_path, tiny.diffusers_dir, name="second.yaml", train_text_encoder=True, max_steps=1,
+                          learning_rate=1e-12, output_dir=str(tmp_path / "second"), init_lora_weights=str(tmp_path / "out" / "out.safetensors"))
+    train_in_process(second)
+    continued = load_file(tmp_path / "second" / "second.safetensors")
+    assert continued.keys() == earlier.keys()
+    assert max(float((continued[k] - earlier[k]).abs().max()) for k in earlier) < 1e-6
+
+    wrong_rank = image_config(tmp_path, tiny.diffusers_dir, name="wrong.yaml", lora_rank=8, output_dir=str(tmp_path / "third"),
+                              init_lora_weights=str(tmp_path / "out" / "out.safetensors"))
+    proc = run_cli("train", "--config", str(wrong_rank))
+    assert proc.returncode == 2 and "rank [4] differs from lora_rank 8; set lora_rank: 4" in proc.stderr
+    assert not (tmp_path / "third").exists()

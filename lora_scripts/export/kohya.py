@@ -61,19 +61,51 @@ def peft_to_kohya_state_dict(
     ones without LoRA layers add nothing. `dtype` casts the up/down weights (alpha stays float32).
     Raises UserError for a DoRA adapter, which the kohya format cannot hold.
     """
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in kohya_named_layers(unet, text_encoders, family):
+        add_kohya_module(state, name, layer, adapter_name, dtype)
+    return state
+
+
+def kohya_named_layers(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], family: str) -> list[tuple[str, LoraLayer]]:
+    """(kohya module name, PEFT LoRA layer) for every wrapped layer, e.g. `lora_unet_down_blocks_0_…`."""
     prefixes = TEXT_ENCODER_PREFIXES[check_family(family)]
     if len(text_encoders) != len(prefixes):
         raise ValueError(f"{family} has {len(prefixes)} text encoder(s), got {len(text_encoders)}")
-    state: dict[str, torch.Tensor] = {}
+    named = []
     layers_per_block = unet.config.layers_per_block
     for path, layer in lora_layers(unet):
         module = sgm_unet_path(path, layers_per_block) if family == "sdxl" else path
-        add_kohya_module(state, f"lora_unet.{module}", layer, adapter_name, dtype)
+        named.append((f"lora_unet.{module}".replace(".", "_"), layer))
     for prefix, text_encoder in zip(prefixes, text_encoders):
         for path, layer in lora_layers(text_encoder):
-            module = f"text_model.{path.removeprefix('text_model.')}"
-            add_kohya_module(state, f"{prefix}.{module}", layer, adapter_name, dtype)
-    return state
+            named.append((f"{prefix}.text_model.{path.removeprefix('text_model.')}".replace(".", "_"), layer))
+    return named
+
+
+def load_kohya_into_peft(state: dict[str, torch.Tensor], unet: torch.nn.Module, text_encoders: list[torch.nn.Module],
+                         family: str, source: str, adapter_name: str = "default") -> int:
+    """Copy a kohya LoRA file's weights into the PEFT layers of the same modules (incremental training).
+
+    Returns the number of modules loaded. Raises UserError when a file module has no matching
+    layer, or its rank or alpha/rank scale differs from the layer's.
+    """
+    layers = dict(kohya_named_layers(unet, text_encoders, family))
+    modules = sorted({key.split(".", 1)[0] for key in state})
+    unknown = [m for m in modules if m not in layers]
+    if unknown:
+        raise UserError(f"init_lora_weights {source}: {len(unknown)} module(s) match no LoRA layer of this model (e.g. {unknown[0]}); was it trained on another model family or with train_text_encoder/target_modules set differently?")
+    with torch.no_grad():
+        for module in modules:
+            layer = layers[module]
+            down, up = state[f"{module}.lora_down.weight"], state[f"{module}.lora_up.weight"]
+            alpha = float(state.get(f"{module}.alpha", torch.tensor(float(down.shape[0]))))
+            scale = layer.scaling[adapter_name]
+            if abs(alpha / down.shape[0] - scale) > 1e-6 * max(1.0, scale):
+                raise UserError(f"init_lora_weights {source}: alpha {alpha:g} (scale {alpha / down.shape[0]:g}) differs from this run's scale {scale:g}; set lora_alpha: {alpha:g}")
+            layer.lora_A[adapter_name].weight.copy_(down.reshape(layer.lora_A[adapter_name].weight.shape))
+            layer.lora_B[adapter_name].weight.copy_(up.reshape(layer.lora_B[adapter_name].weight.shape))
+    return len(modules)
 
 
 def lora_layers(model: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -82,12 +114,11 @@ def lora_layers(model: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
 
 
 def add_kohya_module(
-    state: dict[str, torch.Tensor], dotted_name: str, layer: LoraLayer, adapter: str, dtype: torch.dtype | None
+    state: dict[str, torch.Tensor], name: str, layer: LoraLayer, adapter: str, dtype: torch.dtype | None
 ) -> None:
-    """Add one layer's lora_down / lora_up / alpha under kohya's underscore name."""
+    """Add one layer's lora_down / lora_up / alpha under its kohya name."""
     if layer.use_dora[adapter]:
         raise UserError("a DoRA adapter cannot be saved in the kohya/A1111 format; use save_format: diffusers")
-    name = dotted_name.replace(".", "_")
     down = layer.lora_A[adapter].weight.detach()
     up = layer.lora_B[adapter].weight.detach()
     state[f"{name}.lora_down.weight"] = down.to(dtype or down.dtype).contiguous()

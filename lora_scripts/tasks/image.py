@@ -14,13 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from lora_scripts.config import TrainConfig
 from lora_scripts.data.image_buckets import bucket_batcher
 from lora_scripts.data.image_cache import LatentCache, LatentRequest, module_fingerprint
 from lora_scripts.datacheck.caption_checks import tag_frequency
 from lora_scripts.errors import UserError
-from lora_scripts.export.kohya import LoraTrainingFacts, kohya_metadata, peft_to_kohya_state_dict, save_diffusers_lora, save_kohya_lora
+from lora_scripts.export.kohya import (
+    LoraTrainingFacts,
+    kohya_metadata,
+    load_kohya_into_peft,
+    peft_to_kohya_state_dict,
+    save_diffusers_lora,
+    save_kohya_lora,
+)
 from lora_scripts.models.sd import SDComponents, load_sd_components
 from lora_scripts.models.sd_detect import detect_sd_family
 from lora_scripts.schedule import StepPlan
@@ -51,6 +60,8 @@ def preflight(cfg: TrainConfig) -> None:
     if problems:
         raise UserError("\n".join(problems))
     family = detect_sd_family(cfg.base_model, cfg.model_family, cfg.allow_unsafe_pickle)
+    if cfg.init_lora_weights is not None:
+        read_init_lora(cfg)
     select_images(cfg, cfg.resolution or default_resolution(family), report=True)
     read_sample_prompts(cfg.sample_prompts)
 
@@ -62,8 +73,6 @@ def config_problems(cfg: TrainConfig) -> list[str]:
         problems.append("random_crop needs a new crop every time, which cached latents cannot give; set cache_latents: false")
     if cfg.validation_split or cfg.validation_file:
         problems.append("validation loss is not available for the image task; remove validation_split/validation_file and watch sample_prompts instead")
-    if cfg.init_lora_weights is not None:
-        problems.append("init_lora_weights is not supported for the image task yet; remove it to train a new LoRA")
     if cfg.resolution is not None and cfg.resolution % 8:
         problems.append(f"resolution {cfg.resolution} must be a multiple of 8 (the VAE's pixel grid)")
     if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
@@ -71,6 +80,23 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     if cfg.cache_latents_to_disk and not cfg.cache_latents:
         problems.append("cache_latents_to_disk needs cache_latents: true")
     return problems
+
+
+def read_init_lora(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The kohya LoRA file named by `init_lora_weights`, checked against `lora_rank`."""
+    source = cfg.init_lora_weights
+    if source is None or source.suffix != ".safetensors" or not source.is_file():
+        raise UserError(f"init_lora_weights {source}: expected an existing kohya/A1111 LoRA .safetensors file (e.g. a previous run's <output_name>.safetensors)")
+    try:
+        state = load_file(str(source))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"init_lora_weights {source}: not a readable safetensors file ({exc})") from None
+    if not state or not all(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in state):
+        raise UserError(f"init_lora_weights {source}: not a kohya/A1111 LoRA (keys must start with lora_unet_ / lora_te…); for a diffusers LoRA folder, convert it or train anew")
+    ranks = {tensor.shape[0] for key, tensor in state.items() if key.endswith(".lora_down.weight")}
+    if ranks != {cfg.lora_rank}:
+        raise UserError(f"init_lora_weights {source}: rank {sorted(ranks)} differs from lora_rank {cfg.lora_rank}; set lora_rank: {min(ranks)}")
+    return state
 
 
 @dataclass
@@ -93,6 +119,9 @@ def build_image_task(cfg: TrainConfig, device: str) -> Task:
     if not cfg.train_text_encoder and not cfg.shuffle_caption:
         text_cache = cache_text_outputs(model, components, samples, cfg.caption_dropout_rate > 0)
     unet_modules, text_modules = attach_lora(model, cfg)
+    if cfg.init_lora_weights is not None:
+        loaded = load_kohya_into_peft(read_init_lora(cfg), model.unet, list(model.text_encoders), components.family, str(cfg.init_lora_weights))
+        cache_note += f"; started from {cfg.init_lora_weights} ({loaded} modules)"
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for encoder in model.text_encoders if cfg.train_text_encoder else []:
