@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from lora_scripts.datacheck.report import Finding
+from lora_scripts.datacheck.report import Finding, noted_finding
 
 # Images must have at least this many CLIP embeddings before outliers mean anything.
 MIN_EMBEDDINGS_FOR_OUTLIERS = 5
@@ -95,13 +95,10 @@ def too_small(measures: Mapping[str, ImageMeasure], resolution: int) -> Finding 
         side = math.sqrt(measure.width * measure.height)
         if side < resolution:
             notes[rel] = f"{measure.width}x{measure.height}, upscaled x{resolution / side:.1f}"
-    if not notes:
-        return None
-    return Finding(
+    return noted_finding(
         "too_small", "warning",
         f"smaller than the training resolution {resolution}; upscaling makes them blurry (the guide advises >= 512x512): "
-        "use larger originals or remove them", list(notes), False, notes,
-    )
+        "use larger originals or remove them", notes)
 
 
 def extreme_aspect(measures: Mapping[str, ImageMeasure], max_ratio: float) -> Finding | None:
@@ -111,12 +108,9 @@ def extreme_aspect(measures: Mapping[str, ImageMeasure], max_ratio: float) -> Fi
         ratio = max(measure.width, measure.height) / min(measure.width, measure.height)
         if ratio > max_ratio:
             notes[rel] = f"{measure.width}x{measure.height} ({ratio:.1f}:1)"
-    if not notes:
-        return None
-    return Finding(
+    return noted_finding(
         "extreme_aspect", "warning",
-        f"aspect ratio beyond {max_ratio:g}:1; crop them to the subject", list(notes), False, notes,
-    )
+        f"aspect ratio beyond {max_ratio:g}:1; crop them to the subject", notes)
 
 
 def exact_duplicates(measures: Mapping[str, ImageMeasure]) -> Finding | None:
@@ -127,13 +121,10 @@ def exact_duplicates(measures: Mapping[str, ImageMeasure]) -> Finding | None:
         original = first_with_pixels.setdefault(measure.pixel_sha256, rel)
         if original != rel:
             notes[rel] = f"same pixels as {original}"
-    if not notes:
-        return None
-    return Finding(
+    return noted_finding(
         "exact_duplicate", "warning",
         "copies train the same picture twice as often; delete them or run with --fix to move them to rejected/",
-        list(notes), False, notes,
-    )
+        notes)
 
 
 def near_duplicates(measures: Mapping[str, ImageMeasure], max_distance: int) -> Finding | None:
@@ -174,13 +165,10 @@ def blurry(measures: Mapping[str, ImageMeasure], settings: ImageCheckSettings) -
         rel: f"sharpness {measure.sharpness:.1f} < {limit:.1f} (set median {median:.1f})"
         for rel, measure in measures.items() if measure.sharpness < limit
     }
-    if not notes:
-        return None
-    return Finding(
+    return noted_finding(
         "blurry", "warning",
         "blurry images (soft scans, upscaled screenshots) teach the LoRA blur; replace them with sharp originals",
-        list(notes), False, notes,
-    )
+        notes)
 
 
 def style_outliers(rels: list[str], embeddings: Mapping[str, np.ndarray] | None, outlier_std: float) -> Finding:

@@ -29,6 +29,11 @@ class Finding:
     notes: dict[str, str] = field(default_factory=dict)  # item -> detail ("truncated", "cut: …")
 
 
+def noted_finding(check: str, severity: Severity, message: str, notes: dict[str, str], blocking: bool = False) -> Finding | None:
+    """A finding over the items in `notes` (item -> detail), or None when nothing was noted."""
+    return Finding(check, severity, message, list(notes), blocking, notes) if notes else None
+
+
 @dataclass
 class Report:
     """All findings of a dataset check, summary numbers, and the image file behind each item."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from lora_scripts.datacheck.report import Finding, Report
+from lora_scripts.datacheck.report import Finding, Report, noted_finding
 
 
 class PromptResponse(NamedTuple):
@@ -60,10 +60,7 @@ def _duplicates(samples: list[PromptResponse]) -> Finding | None:
         original = first_source.setdefault((_key(sample.prompt), _key(sample.response)), sample.source)
         if original != sample.source:
             notes[sample.source] = f"same prompt and response as {original}"
-    if not notes:
-        return None
-    return Finding("duplicate_sample", "warning", "repeated samples are learned by heart; remove the copies",
-                   list(notes), False, notes)
+    return noted_finding("duplicate_sample", "warning", "repeated samples are learned by heart; remove the copies", notes)
 
 
 def _empty_responses(samples: list[PromptResponse]) -> Finding | None:
@@ -80,13 +77,10 @@ def _truncated(samples: list[PromptResponse], token_lengths: Sequence[int], max_
         sample.source: f"{length} tokens, the last {length - max_seq_length} are cut"
         for sample, length in zip(samples, token_lengths) if length > max_seq_length
     }
-    if not notes:
-        return None
-    return Finding(
+    return noted_finding(
         "truncated_sample", "warning",
         f"longer than max_seq_length={max_seq_length}: the end of the answer is never trained; raise "
-        "max_seq_length or shorten these samples", list(notes), False, notes,
-    )
+        "max_seq_length or shorten these samples", notes)
 
 
 def _missing_fields(fields: Sequence[str], rows: Sequence[tuple[str, Mapping[str, object]]]) -> Finding | None:
@@ -97,13 +91,10 @@ def _missing_fields(fields: Sequence[str], rows: Sequence[tuple[str, Mapping[str
         parts = ([f"missing {', '.join(absent)}"] if absent else []) + ([f"empty {', '.join(blank)}"] if blank else [])
         if parts:
             notes[source] = "; ".join(parts)
-    if not notes:
-        return None
-    return Finding(
+    return noted_finding(
         "missing_template_field", "error",
         f"rows lacking a field of the prompt template ({', '.join('{' + name + '}' for name in fields)}); "
-        "training cannot format them: fill them in or remove the rows", list(notes), True, notes,
-    )
+        "training cannot format them: fill them in or remove the rows", notes, blocking=True)
 
 
 def _overlap(train: list[PromptResponse], validation: list[PromptResponse]) -> Finding | None:
@@ -112,10 +103,7 @@ def _overlap(train: list[PromptResponse], validation: list[PromptResponse]) -> F
         train_source.setdefault(_key(sample.prompt), sample.source)
     notes = {sample.source: f"same prompt as {train_source[_key(sample.prompt)]}"
              for sample in validation if _key(sample.prompt) in train_source}
-    if not notes:
-        return None
-    return Finding(
+    return noted_finding(
         "train_val_overlap", "warning",
         "validation prompts that also occur in training make validation loss look better than it is; "
-        "remove them from one of the two sets", list(notes), False, notes,
-    )
+        "remove them from one of the two sets", notes)
