@@ -37,15 +37,16 @@ def text_report(cfg: TrainConfig) -> Report:
     return check_text_rows(builder, rows, validation)
 
 
-def check_text_rows(builder, rows: list, validation_rows: list) -> Report:
-    """Doctor findings for text rows as `builder` renders and tokenizes them."""
+def check_text_rows(builder, rows: list, validation_rows: list, token_lengths: list[int] | None = None) -> Report:
+    """Doctor findings for text rows as `builder` renders and tokenizes them (`token_lengths`:
+    the rows' uncut lengths when already known, else they are tokenized here)."""
     from lora_scripts.data.text_samples import template_fields
     from lora_scripts.datacheck import check_text_samples
 
     samples = [(*builder.render(row, source), source) for row, source in rows]
     return check_text_samples(
         samples,
-        token_lengths=[builder.build(row, source)[1] for row, source in rows],
+        token_lengths=token_lengths or [builder.build(row, source)[1] for row, source in rows],
         max_seq_length=builder.max_seq_length,
         template_fields=template_fields(builder.prompt_template) if builder.data_format == "template" else (),
         raw_rows=[(source, row) for row, source in rows],

@@ -36,6 +36,7 @@ class TokenizeStats:
     """What happened to the rows on their way to samples."""
 
     rows: int = 0
+    lengths: list[int] = field(default_factory=list)  # uncut token length of every row, in order
     truncated: list[str] = field(default_factory=list)
     dropped_no_target: list[str] = field(default_factory=list)
 
@@ -215,6 +216,7 @@ def build_samples(rows: list[tuple[Row, str]], builder: SampleBuilder) -> tuple[
     samples = []
     for row, source in rows:
         sample, length = builder.build(row, source)
+        stats.lengths.append(length)
         if length > builder.max_seq_length:
             stats.truncated.append(source)
         if all(label == IGNORE_INDEX for label in sample.labels):

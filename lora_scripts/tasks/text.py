@@ -164,8 +164,8 @@ def build_text_task(cfg: TrainConfig, device: str) -> Task:
     validation_rows = read_rows(cfg.validation_file) if cfg.validation_file is not None else []
     model, tokenizer = load_llm(cfg.base_model, compute_dtype(cfg, device))
     builder = make_sample_builder(cfg, tokenizer, rows)
-    data_check = summary_line(check_text_rows(builder, rows, validation_rows))
     samples, stats = build_samples(rows, builder)
+    data_check = summary_line(check_text_rows(builder, rows, validation_rows, stats.lengths))
     if validation_rows:
         eval_samples, _ = build_samples(validation_rows, builder)
         train_samples = samples
