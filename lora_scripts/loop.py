@@ -36,7 +36,7 @@ from lora_scripts.faults import fault_due, maybe_kill
 from lora_scripts.schedule import StepPlan, shuffled_batches
 from lora_scripts.output_dir import check_free_space, check_output_dir, check_resume_compatible, probe_writable
 from lora_scripts.tasks import build_task, preflight
-from lora_scripts.tasks.base import Task
+from lora_scripts.tasks.base import Progress, Task
 from lora_scripts.tracking import Tracker, plot_loss_curve
 
 CONFIG_FILE = "training_config.yaml"
@@ -118,7 +118,8 @@ def train(cfg: TrainConfig, resume_hint: str = "") -> TrainResult:
         folder = out / f"step_{at_step}"
         if accelerator.is_main_process:
             name = f"{cfg.effective_output_name}_step_{at_step}"
-            folder = save_checkpoint(out, at_step, lambda d: task.save_adapter(d, name), task.trainable_state(), state, meta, cfg.save_total_limit)
+            progress = Progress(at_step, plan.total_steps, plan.steps_per_epoch)
+            folder = save_checkpoint(out, at_step, lambda d: task.save_adapter(d, name, progress), task.trainable_state(), state, meta, cfg.save_total_limit)
         accelerator.wait_for_everyone()
         return folder
 
@@ -142,7 +143,7 @@ def train(cfg: TrainConfig, resume_hint: str = "") -> TrainResult:
                 window["units"] += units
             scheduler.step()
             if task.after_step is not None:
-                task.after_step(step)
+                task.after_step(Progress(step, plan.total_steps, plan.steps_per_epoch))
             window["processed"] += processed
             bar.update(1)
             maybe_kill("kill_after_step", step)
@@ -161,7 +162,7 @@ def train(cfg: TrainConfig, resume_hint: str = "") -> TrainResult:
                 break
     tracker.close()
     if status == "done" and accelerator.is_main_process:
-        _write_final(cfg, task, tracker.history)
+        _write_final(cfg, task, tracker.history, Progress(step, plan.total_steps, plan.steps_per_epoch))
     return TrainResult(status, step, out, last_saved)
 
 
@@ -271,12 +272,12 @@ def _log_window(window: dict, tracker: Tracker, bar: tqdm, step: int, lr: float,
     window.update(loss=0.0, units=0, processed=0, busy=0.0, skipped=0)
 
 
-def _write_final(cfg: TrainConfig, task: Task, history: dict) -> None:
+def _write_final(cfg: TrainConfig, task: Task, history: dict, progress: Progress) -> None:
     """The finished LoRA in `output_dir`, with the resolved config and the loss curve."""
     out = cfg.output_dir
 
     def write(tmp: Path) -> None:
-        task.save_adapter(tmp, cfg.effective_output_name)
+        task.save_adapter(tmp, cfg.effective_output_name, progress)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8")
 
     with write_errors_explained(out / CONFIG_FILE, out):

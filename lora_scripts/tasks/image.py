@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,8 +31,7 @@ from lora_scripts.export.kohya import (
 )
 from lora_scripts.models.sd import SDComponents, load_sd_components
 from lora_scripts.models.sd_detect import detect_sd_family
-from lora_scripts.schedule import StepPlan
-from lora_scripts.tasks.base import Task
+from lora_scripts.tasks.base import Progress, Task
 from lora_scripts.tasks.image_data import ImageCollate, ImageSample, count_images, select_images
 from lora_scripts.tasks.image_model import LossSettings, SDLoRAModel, attach_lora, param_groups, tokenize
 from lora_scripts.tasks.image_samples import SampleRenderer, read_sample_prompts
@@ -99,14 +97,6 @@ def read_init_lora(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-@dataclass
-class RunClock:
-    """The step the run has reached (set after each optimizer step) and when it started."""
-
-    step: int
-    started_at: float
-
-
 def build_image_task(cfg: TrainConfig, device: str) -> Task:
     """Load the base model and data, cache what stays fixed, attach LoRA; the Task for the loop."""
     components, model, vae_id = load_model(cfg, device)
@@ -127,22 +117,20 @@ def build_image_task(cfg: TrainConfig, device: str) -> Task:
         for encoder in model.text_encoders if cfg.train_text_encoder else []:
             encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     batcher = bucket_batcher([s.placement.bucket for s in samples], [s.record.repeats for s in samples], cfg.batch_size, cfg.seed)
-    plan = StepPlan(batcher, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
-    clock = RunClock(0, time.time())
+    started_at = time.time()
     renderer = SampleRenderer(components, model, read_sample_prompts(cfg.sample_prompts), cfg.output_dir, resolution, cfg.sample_steps, cfg.seed)
 
-    def after_step(step: int) -> None:
-        clock.step = step
-        due = cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0
-        if renderer.prompts and (due or step == plan.total_steps):
-            renderer(step)
+    def after_step(progress: Progress) -> None:
+        due = cfg.sample_every_n_steps and progress.step % cfg.sample_every_n_steps == 0
+        if renderer.prompts and (due or progress.step == progress.total_steps):
+            renderer(progress.step)
 
-    def save_adapter(folder: Path, name: str) -> list[Path]:
+    def save_adapter(folder: Path, name: str, progress: Progress) -> list[Path]:
         if cfg.save_format == "diffusers":
             save_diffusers_lora(folder, model.unet, list(model.text_encoders))
             return [folder / "pytorch_lora_weights.safetensors"]
         path = folder / f"{name}.safetensors"
-        facts = training_facts(cfg, components.family, resolution, samples, clock, plan)
+        facts = training_facts(cfg, components.family, resolution, samples, started_at, progress)
         save_kohya_lora(path, peft_to_kohya_state_dict(model.unet, list(model.text_encoders), components.family), kohya_metadata(facts))
         return [path]
 
@@ -226,17 +214,17 @@ def cache_text_outputs(model: SDLoRAModel, components: SDComponents, samples: li
 
 
 def training_facts(cfg: TrainConfig, family: str, resolution: int, samples: list[ImageSample],
-                   clock: RunClock, plan: StepPlan) -> LoraTrainingFacts:
+                   started_at: float, progress: Progress) -> LoraTrainingFacts:
     """What the kohya metadata records about this run at its current step."""
     return LoraTrainingFacts(
         family=family, output_name=cfg.effective_output_name, base_model=cfg.base_model,
         network_dim=cfg.lora_rank, network_alpha=cfg.lora_alpha, resolution=(resolution, resolution),
-        learning_rate=cfg.learning_rate, steps=clock.step, epoch=-(-clock.step // plan.steps_per_epoch),
-        seed=cfg.seed, training_started_at=clock.started_at, training_finished_at=time.time(),
+        learning_rate=cfg.learning_rate, steps=progress.step, epoch=progress.epoch,
+        seed=cfg.seed, training_started_at=started_at, training_finished_at=time.time(),
         unet_lr=cfg.learning_rate, text_encoder_lr=(cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else None,
         mixed_precision=cfg.mixed_precision, lr_scheduler=cfg.lr_scheduler, batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_epochs=cfg.epochs,
-        max_train_steps=plan.total_steps, num_train_images=sum(s.record.repeats for s in samples),
+        max_train_steps=progress.total_steps, num_train_images=sum(s.record.repeats for s in samples),
         noise_offset=cfg.noise_offset or None, min_snr_gamma=cfg.min_snr_gamma,
         tag_frequency=tag_frequency([s.record for s in samples]),
     )

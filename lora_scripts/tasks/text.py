@@ -27,7 +27,7 @@ from lora_scripts.data.text_samples import (
 )
 from lora_scripts.errors import UserError, read_json
 from lora_scripts.models.llm import check_llm_path, load_llm
-from lora_scripts.tasks.base import Batch, Task
+from lora_scripts.tasks.base import Batch, Progress, Task
 
 BLOCK_CONTAINERS = (".layers.", ".h.", ".blocks.")
 NAN_ADVICE = (
@@ -178,7 +178,7 @@ def build_text_task(cfg: TrainConfig, device: str) -> Task:
     peft_model = attach_lora(model, cfg)
     trainable, total = peft_model.get_nb_trainable_parameters()
 
-    def save_adapter(folder: Path, name: str) -> list[Path]:
+    def save_adapter(folder: Path, name: str, progress: Progress) -> list[Path]:
         peft_model.save_pretrained(str(folder), safe_serialization=True)
         return [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
 
