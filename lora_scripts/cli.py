@@ -23,6 +23,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from lora_scripts.check_data import build_check_parser
+    from lora_scripts.export.commands import add_export_commands
     from lora_scripts.labeling.args import DESCRIPTION as LABEL_DESCRIPTION, build_label_parser
 
     parser = argparse.ArgumentParser(prog="lora-scripts", description="Config-driven LoRA training for Stable Diffusion and LLMs.")
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     build_label_parser(add("label", help="caption images with CLIP zero-shot labels", description=LABEL_DESCRIPTION))
 
+    add_export_commands(add)
+
     demo = add("demo", help="train the embedded SmolLM2 JSON-extraction example and show before/after scores")
     demo.add_argument("--output-dir", type=Path, default=Path("output/smollm2_json"))
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -78,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
         from lora_scripts.label import run_label
 
         return run_label(args)
+    from lora_scripts.export.commands import EXPORT_COMMANDS, run_export_command
+
+    if args.command in EXPORT_COMMANDS:
+        return run_export_command(args)
     if args.command == "demo":
         from lora_scripts.demo import run_demo
 
