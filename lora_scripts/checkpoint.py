@@ -118,6 +118,19 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def load_trainable_state(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Copy saved LoRA parameters (a checkpoint's lora_params.safetensors) into `model`.
+
+    Raises UserError when the names differ from the model's trainable parameters.
+    """
+    own = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    if own.keys() != params.keys():
+        raise UserError(f"the checkpoint's LoRA parameters do not match this model's (e.g. {sorted(own.keys() ^ params.keys())[0]}); resume with the config that wrote it")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(params[name])
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """Read (meta, LoRA params, training state) of one checkpoint."""
     try:

@@ -102,20 +102,14 @@ def run(args: argparse.Namespace) -> int:
         if result.status == "done":
             print(f"done: {result.step} steps; LoRA written to {result.output_dir}")
         return 0
-    if args.command == "generate" and cfg.task_type == "image":
-        from lora_scripts.tasks.image_generate import generate_images
-
-        steps, seed = args.steps or cfg.sample_steps, cfg.seed if args.seed is None else args.seed
-        out_dir = args.out_dir or cfg.output_dir / "generated"
-        for path in generate_images(cfg, args.prompt, args.lora_scale, out_dir, steps, seed, args.adapter or cfg.output_dir):
-            print(path)
-        return 0
     if args.command == "generate":
-        from lora_scripts.tasks.text_infer import generate
+        from lora_scripts.tasks import get_task
+        from lora_scripts.tasks.base import GenerateRequest
 
-        adapter = args.adapter or cfg.output_dir
-        for prompt, text in zip(args.prompt, generate(cfg, args.prompt, args.max_new_tokens, adapter, args.lora_scale)):
-            print(f">>> {prompt}\n{text}")
+        request = GenerateRequest(args.prompt, args.adapter or cfg.output_dir, args.lora_scale, args.max_new_tokens,
+                                  args.steps, args.seed, args.out_dir)
+        for line in get_task(cfg.task_type).generate(cfg, request):
+            print(line)
         return 0
     raise AssertionError(args.command)
 

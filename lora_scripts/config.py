@@ -16,10 +16,12 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from lora_scripts.errors import UserError
 
 TaskType = Literal["image", "text-generation"]
+COMBINATION_ERROR = "key_combination"  # pydantic error type of `_check_combinations`
 
 
 class TrainConfig(BaseModel):
@@ -245,12 +247,31 @@ class TrainConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> TrainConfig:
+    def _fill_defaults(self) -> TrainConfig:
+        """Defaults that depend on other keys: the package path, alpha = rank, the task type."""
         self.base_model = resolve_package_path(self.base_model)
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if self.task_type is None:
             self.task_type = detect_task_type(self.base_model)
+        return self
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        """Keys that are valid alone but cannot work together; every problem, one line each."""
+        problems = []
+        if self.random_crop and self.cache_latents:
+            problems.append("random_crop needs a new crop every time, which cached latents cannot give; set cache_latents: false")
+        if self.task_type == "image" and (self.validation_split or self.validation_file):
+            problems.append("validation loss is not available for the image task; remove validation_split/validation_file and watch sample_prompts instead")
+        if self.resolution is not None and self.resolution % 8:
+            problems.append(f"resolution {self.resolution} must be a multiple of 8 (the VAE's pixel grid)")
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            problems.append("text_encoder_lr is set but train_text_encoder is false; set train_text_encoder: true or remove text_encoder_lr")
+        if self.cache_latents_to_disk and not self.cache_latents:
+            problems.append("cache_latents_to_disk needs cache_latents: true")
+        if problems:
+            raise PydanticCustomError(COMBINATION_ERROR, "{problems}", {"problems": "\n".join(problems)})
         return self
 
     @property
@@ -330,6 +351,8 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
 def _describe_error(err: dict[str, Any], source: str) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "config"
     kind = err["type"]
+    if kind == COMBINATION_ERROR:  # each line names its keys and the fix
+        return err["msg"]
     if kind == "extra_forbidden":
         close = difflib.get_close_matches(key, TrainConfig.model_fields, n=1, cutoff=0.6)
         hint = f"; did you mean `{close[0]}`?" if close else "; see `lora-scripts config --schema`"

@@ -23,7 +23,7 @@ MAX_NEW_TOKENS = 128
 def score_adapter(cfg, adapter_dir: Path | None) -> tuple[JsonScore, list[str]]:
     """Greedy answers of the base model (+ adapter) on the held-out split, scored per field."""
     from lora_scripts.tasks.text_infer import generate_texts, load_with_adapter
-    from lora_scripts.tasks.text import make_sample_builder
+    from lora_scripts.tasks.text_data import make_sample_builder
 
     rows = read_rows(cfg.validation_file)
     model, tokenizer = load_with_adapter(cfg, adapter_dir)

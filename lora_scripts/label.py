@@ -19,7 +19,8 @@ from lora_scripts.atomic import write_bytes_atomically
 from lora_scripts.errors import UserError
 from lora_scripts.labeling.candidates import Selection, load_label_sets
 from lora_scripts.labeling.clip_model import ClipEncoder
-from lora_scripts.labeling.images import IMAGE_EXTENSIONS, find_images, load_images
+from lora_scripts.data.image_index import IMAGE_EXTENSIONS
+from lora_scripts.labeling.images import find_images, load_images
 from lora_scripts.labeling.outputs import (
     MetadataCsv,
     has_sidecar_caption,

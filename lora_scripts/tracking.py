@@ -8,7 +8,8 @@ from lora_scripts.atomic import write_atomically
 
 
 class Tracker:
-    """TensorBoard writer plus the loss history the curve and checkpoints keep."""
+    """The one TensorBoard writer of a run (main process only: `enabled`) plus the loss history the
+    curve and checkpoints keep."""
 
     def __init__(self, log_dir: Path, history: dict[str, list[list[float]]] | None, enabled: bool) -> None:
         self.history = history or {"loss": [], "eval_loss": []}
@@ -26,6 +27,12 @@ class Tracker:
             if self.writer is not None:
                 self.writer.add_scalar(f"train/{name}" if name != "eval_loss" else "eval/loss", value, step)
         if self.writer is not None:
+            self.writer.flush()
+
+    def log_image(self, step: int, name: str, image) -> None:
+        """Record an HWC uint8 image (e.g. the sample strip) at a step."""
+        if self.writer is not None:
+            self.writer.add_image(name, image, step, dataformats="HWC")
             self.writer.flush()
 
     def close(self) -> None:

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from lora_scripts.checkpoint import load_trainable_state
 from lora_scripts.config import TrainConfig, load_config
 from lora_scripts.loop import TrainResult, train
 from lora_scripts.tasks.image import load_model
-from lora_scripts.tasks.image_model import SDLoRAModel, attach_lora, load_lora_params
+from lora_scripts.tasks.image_model import SDLoRAModel, add_sd_lora
 from tests.helpers import write_config
 
 CAPTIONS = ["ink wash painting, mountain", "ink wash painting, river", "pastel color palette, bridge",
@@ -60,8 +61,8 @@ def train_in_process(config: Path, *overrides: str) -> TrainResult:
 def trained_model(cfg: TrainConfig, checkpoint: Path) -> SDLoRAModel:
     """The model as it was at a checkpoint: base weights plus the LoRA parameters the loop saved."""
     _, model, _ = load_model(cfg, "cpu")
-    attach_lora(model, cfg)
-    load_lora_params(model, load_file(checkpoint / "lora_params.safetensors"))
+    add_sd_lora(model, cfg)
+    load_trainable_state(model, load_file(checkpoint / "lora_params.safetensors"))
     return model.eval()
 
 

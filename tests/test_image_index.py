@@ -47,7 +47,6 @@ def test_metadata_csv_rows_become_records_with_their_line(tmp_path: Path) -> Non
     ]
     assert index.records[1].path == tmp_path / "poses" / "b.jpg" and index.records[1].path.is_absolute()
     assert index.problems == []
-    index.require_trainable()
 
 
 @pytest.mark.parametrize(("header", "encoding"), [
@@ -102,8 +101,8 @@ def test_paths_leaving_the_folder_are_blocking_and_named_by_row(tmp_path: Path) 
                             ix.DUPLICATE_ROW: ["metadata.csv:6"]}
     assert all(p.blocking for p in index.problems if p.kind == ix.PATH_OUTSIDE_DATASET)
     assert "../escape.png" in index.problems[0].message
-    with pytest.raises(UserError, match=r"3 blocking problem\(s\): metadata.csv:3: \.\./escape\.png leads outside"):
-        index.require_trainable()
+    blocking = [p for p in index.problems if p.blocking]
+    assert len(blocking) == 3 and blocking[0].where == "metadata.csv:3" and blocking[0].message.startswith("../escape.png leads outside")
 
 
 def test_missing_files_empty_prompts_and_unlisted_images(tmp_path: Path) -> None:
@@ -119,7 +118,7 @@ def test_missing_files_empty_prompts_and_unlisted_images(tmp_path: Path) -> None
     assert [r.rel for r in index.records] == ["a.png", "b.png"]
     assert kinds(index) == {ix.MISSING_CAPTION: ["b.png"], ix.MISSING_FILE: ["metadata.csv:4"],
                             ix.BAD_ROW: ["metadata.csv:5"], ix.UNLISTED_IMAGE: ["extra/c.webp"]}
-    assert {p.kind for p in index.blocking_problems} == {ix.MISSING_FILE, ix.BAD_ROW}
+    assert {p.kind for p in index.problems if p.blocking} == {ix.MISSING_FILE, ix.BAD_ROW}
 
 
 def test_caption_files_and_kohya_repeat_folders(tmp_path: Path) -> None:
@@ -148,7 +147,7 @@ def test_caption_files_and_kohya_repeat_folders(tmp_path: Path) -> None:
     ]
     assert kinds(index) == {ix.IGNORED_FOLDER: ["0_off/", "poses/"],
                             ix.MISSING_CAPTION: ["3_ink_wash/c.webp", "bare.jpg"]}
-    assert not index.blocking_problems
+    assert not [p for p in index.problems if p.blocking]
 
 
 def test_symlinked_image_leading_outside_is_blocking(tmp_path: Path) -> None:
@@ -177,8 +176,7 @@ def test_missing_or_empty_dataset_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "metadata.csv").unlink()
     save_image(tmp_path / "poses" / "a.png")  # only a folder without repeat count: found, but nothing to train
     index = index_image_dataset(tmp_path, None)
-    with pytest.raises(UserError, match="has no usable images"):
-        index.require_trainable()
+    assert index.records == []
 
 
 def test_verify_image_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -81,23 +81,6 @@ class ImageIndex:
     records: list[ImageRecord] = field(default_factory=list)
     problems: list[DataProblem] = field(default_factory=list)
 
-    @property
-    def blocking_problems(self) -> list[DataProblem]:
-        return [problem for problem in self.problems if problem.blocking]
-
-    def require_trainable(self) -> None:
-        """Raise UserError if a blocking problem exists or no image is left to train on."""
-        blocking = self.blocking_problems
-        if blocking:
-            shown = "; ".join(f"{problem.where}: {problem.message}" for problem in blocking[:3])
-            more = f" (and {len(blocking) - 3} more)" if len(blocking) > 3 else ""
-            raise UserError(
-                f"dataset {self.root} has {len(blocking)} blocking problem(s): {shown}{more}; "
-                "run `lora-scripts check-data` for the full report"
-            )
-        if not self.records:
-            raise UserError(f"dataset {self.root} has no usable images; run `lora-scripts check-data`")
-
 
 def index_image_dataset(
     train_data_dir: Path, metadata_path: Path | None = None, caption_extension: str = ".txt"
@@ -237,7 +220,7 @@ def _index_metadata_rows(index: ImageIndex) -> None:
         if not caption:
             index.problems.append(DataProblem(MISSING_CAPTION, rel, f"{where}: empty prompt for {rel}", False))
         index.records.append(ImageRecord(path, rel, caption, 1, where))
-    for path in _images_under(index.root):
+    for path in images_under(index.root):
         if path not in mentioned:
             rel = path.relative_to(index.root).as_posix()
             index.problems.append(DataProblem(UNLISTED_IMAGE, rel, f"{rel} is not listed in {name}; it will not be trained", False))
@@ -259,8 +242,9 @@ def _path_inside(root: Path, rel: str, where: str, problems: list[DataProblem]) 
     return path
 
 
-def _images_under(root: Path) -> list[Path]:
-    """All image files below root, sorted, except those in root/rejected/ and hidden folders."""
+def images_under(root: Path) -> list[Path]:
+    """All image files below root, sorted, except those in root/rejected/ (where `check-data --fix`
+    moves files) and in hidden folders. The one folder walk of training, check-data and labeling."""
     found = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [name for name in subfolders if not _is_hidden(Path(name))

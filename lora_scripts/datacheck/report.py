@@ -54,6 +54,13 @@ class Report:
     def sorted_findings(self) -> list[Finding]:
         return sorted(self.findings, key=lambda finding: (SEVERITY_ORDER[finding.severity], finding.check))
 
+    def summary_line(self) -> str:
+        """One line for the start of training: counts per check, and where to see details."""
+        if not self.findings:
+            return "data check: no problems found"
+        parts = ", ".join(f"{f.check}: {len(f.items) or 1}" for f in self.sorted_findings() if f.severity != "info")
+        return f"data check: {parts or 'notes only'} (details: lora-scripts check-data --config …)"
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict: findings (most severe first), stats, and `blocking`."""
         return {

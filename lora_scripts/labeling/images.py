@@ -6,22 +6,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from lora_scripts.data.image_index import IMAGE_EXTENSIONS
+from lora_scripts.data.image_index import images_under
 
 
 def find_images(root: Path) -> list[str]:
-    """Image paths under `root`, recursive, relative to it with '/' separators, sorted.
-
-    Hidden files and folders (".ipynb_checkpoints", …) are ignored.
-    """
-    found = []
-    for path in root.rglob("*"):
-        relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            found.append(relative.as_posix())
-    return sorted(found)
+    """Image paths under `root` (as training finds them: hidden files and folders and `rejected/`
+    are skipped), relative to it with '/' separators, sorted."""
+    return sorted(path.relative_to(root).as_posix() for path in images_under(root))
 
 
 def load_images(root: Path, relative_paths: list[str]) -> tuple[list[str], list[Image.Image], dict[str, str]]:

@@ -56,6 +56,13 @@ def check_family(family: str) -> str:
     return family
 
 
+def training_resolution(configured: int | None, family: str) -> int:
+    """The config's `resolution`, or the one the family was made for: 1024 for SDXL, else 512."""
+    if configured is not None:
+        return configured
+    return 1024 if family == "sdxl" else 512
+
+
 def detect_sd_family(path: str | Path, override: str | None = None, allow_unsafe_pickle: bool = False) -> str:
     """The SD family of a diffusers folder or single-file checkpoint: sd1, sd2, sd2_v or sdxl.
 

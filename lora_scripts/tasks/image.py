@@ -1,8 +1,8 @@
 """Image task: a Stable Diffusion (SD1, SD2, SDXL) LoRA, saved for AUTOMATIC1111 / ComfyUI.
 
-`preflight` checks the config, base model and dataset in seconds; `build_image_task` loads the
-model, caches VAE latents (and text-encoder outputs when the encoder is frozen and captions
-fixed), attaches PEFT LoRA on kohya's modules, and hands the shared loop a `Task`.
+`preflight` checks the base model and dataset in seconds; `build_image_task` loads the model,
+caches VAE latents (and text-encoder outputs when the encoder is frozen and captions fixed),
+attaches PEFT LoRA on kohya's modules, and hands the shared loop a `TaskRun`.
 """
 
 from __future__ import annotations
@@ -29,55 +29,27 @@ from lora_scripts.export.kohya import (
     save_diffusers_lora,
     save_kohya_lora,
 )
+from lora_scripts.models.precision import compute_dtype
 from lora_scripts.models.sd import SDComponents, load_sd_components
-from lora_scripts.models.sd_detect import detect_sd_family
-from lora_scripts.tasks.base import Progress, Task
+from lora_scripts.models.sd_detect import detect_sd_family, training_resolution
+from lora_scripts.tasks.base import NAN_ADVICE, DataReport, Progress, Task, TaskRun
 from lora_scripts.tasks.image_data import ImageCollate, ImageSample, count_images, select_images
-from lora_scripts.tasks.image_model import LossSettings, SDLoRAModel, attach_lora, param_groups, tokenize
+from lora_scripts.tasks.image_generate import generate
+from lora_scripts.tasks.image_model import LossSettings, SDLoRAModel, add_sd_lora, param_groups, tokenize
 from lora_scripts.tasks.image_samples import SampleRenderer, read_sample_prompts
-from lora_scripts.tasks.text import compute_dtype
+from lora_scripts.tracking import Tracker
 
-NAN_ADVICE = (
-    "usually the learning rate is too high (try half), or fp16 overflowed (use bf16 or mixed_precision: no); "
-    "SDXL's VAE overflows in fp16: set no_half_vae: true"
-)
 DEFAULT_CACHE_FOLDER = ".lora_cache"
 
 
-def default_resolution(family: str) -> int:
-    """The training resolution a family was made for."""
-    return 1024 if family == "sdxl" else 512
-
-
 def preflight(cfg: TrainConfig) -> None:
-    """Check option combinations, the base model and every image before loading any weights.
-
-    Raises UserError listing every config problem, or naming the bad model or images.
-    """
-    problems = config_problems(cfg)
-    if problems:
-        raise UserError("\n".join(problems))
+    """Check the base model and every image before loading any weights (option combinations are
+    the schema's job). Raises UserError naming the bad model or images."""
     family = detect_sd_family(cfg.base_model, cfg.model_family, cfg.allow_unsafe_pickle)
     if cfg.init_lora_weights is not None:
         read_init_lora(cfg)
-    select_images(cfg, cfg.resolution or default_resolution(family), report=True)
+    select_images(cfg, training_resolution(cfg.resolution, family), report=True)
     read_sample_prompts(cfg.sample_prompts)
-
-
-def config_problems(cfg: TrainConfig) -> list[str]:
-    """Image-task key combinations that cannot work, one line each."""
-    problems = []
-    if cfg.random_crop and cfg.cache_latents:
-        problems.append("random_crop needs a new crop every time, which cached latents cannot give; set cache_latents: false")
-    if cfg.validation_split or cfg.validation_file:
-        problems.append("validation loss is not available for the image task; remove validation_split/validation_file and watch sample_prompts instead")
-    if cfg.resolution is not None and cfg.resolution % 8:
-        problems.append(f"resolution {cfg.resolution} must be a multiple of 8 (the VAE's pixel grid)")
-    if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
-        problems.append("text_encoder_lr is set but train_text_encoder is false; set train_text_encoder: true or remove text_encoder_lr")
-    if cfg.cache_latents_to_disk and not cfg.cache_latents:
-        problems.append("cache_latents_to_disk needs cache_latents: true")
-    return problems
 
 
 def read_init_lora(cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -97,10 +69,10 @@ def read_init_lora(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_image_task(cfg: TrainConfig, device: str) -> Task:
-    """Load the base model and data, cache what stays fixed, attach LoRA; the Task for the loop."""
+def build_image_task(cfg: TrainConfig, device: str) -> TaskRun:
+    """Load the base model and data, cache what stays fixed, attach LoRA; the TaskRun for the loop."""
     components, model, vae_id = load_model(cfg, device)
-    resolution = cfg.resolution or default_resolution(components.family)
+    resolution = training_resolution(cfg.resolution, components.family)
     samples = select_images(cfg, resolution, report=False)
     cache_note = "latents: encoded every step"
     if cfg.cache_latents:
@@ -108,7 +80,7 @@ def build_image_task(cfg: TrainConfig, device: str) -> Task:
     text_cache = None
     if not cfg.train_text_encoder and not cfg.shuffle_caption:
         text_cache = cache_text_outputs(model, components, samples, cfg.caption_dropout_rate > 0)
-    unet_modules, text_modules = attach_lora(model, cfg)
+    unet_modules, text_modules = add_sd_lora(model, cfg)
     if cfg.init_lora_weights is not None:
         loaded = load_kohya_into_peft(read_init_lora(cfg), model.unet, list(model.text_encoders), components.family, str(cfg.init_lora_weights))
         cache_note += f"; started from {cfg.init_lora_weights} ({loaded} modules)"
@@ -120,10 +92,10 @@ def build_image_task(cfg: TrainConfig, device: str) -> Task:
     started_at = time.time()
     renderer = SampleRenderer(components, model, read_sample_prompts(cfg.sample_prompts), cfg.output_dir, resolution, cfg.sample_steps, cfg.seed)
 
-    def after_step(progress: Progress) -> None:
+    def after_step(progress: Progress, tracker: Tracker) -> None:
         due = cfg.sample_every_n_steps and progress.step % cfg.sample_every_n_steps == 0
         if renderer.prompts and (due or progress.step == progress.total_steps):
-            renderer(progress.step)
+            renderer(progress.step, tracker)
 
     def save_adapter(folder: Path, name: str, progress: Progress) -> list[Path]:
         if cfg.save_format == "diffusers":
@@ -142,7 +114,7 @@ def build_image_task(cfg: TrainConfig, device: str) -> Task:
         f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {unet_modules} UNet + {text_modules} text-encoder modules: "
         f"{trainable:,} trainable parameters"
     )
-    return Task(
+    return TaskRun(
         model=model,
         train_set=samples,
         eval_set=[],
@@ -155,7 +127,7 @@ def build_image_task(cfg: TrainConfig, device: str) -> Task:
         batcher=batcher,
         fingerprint={"base_model": str(cfg.base_model), "data": data_fingerprint(samples)},
         summary=summary,
-        nan_advice=NAN_ADVICE,
+        nan_advice=f"{NAN_ADVICE}; SDXL's VAE overflows in fp16: set no_half_vae: true",
         param_groups=param_groups(model, cfg),
         after_step=after_step,
     )
@@ -165,7 +137,7 @@ def load_model(cfg: TrainConfig, device: str) -> tuple[SDComponents, SDLoRAModel
     """The base model on `device` in the training dtypes (float32 VAE with no_half_vae), without
     LoRA yet, and the VAE's cache id (a hash of its float32 weights plus the dtype it runs in)."""
     components = load_sd_components(cfg.base_model, cfg.model_family, cfg.allow_unsafe_pickle, torch.float32, cfg.model_config_dir)
-    weight_dtype = compute_dtype(cfg, device)
+    weight_dtype = compute_dtype(cfg.mixed_precision, device)
     vae_dtype = torch.float32 if cfg.no_half_vae else weight_dtype
     vae_id = f"{module_fingerprint(components.vae)}-{vae_dtype}"
     if weight_dtype != torch.float32:
@@ -242,3 +214,28 @@ def data_fingerprint(samples: list[ImageSample]) -> str:
     """A hash of what the run trains on: image files and contents, captions, repeats, buckets."""
     rows = [[s.record.rel, s.content_hash, s.record.caption, s.record.repeats, s.placement.bucket] for s in samples]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def image_data_report(cfg: TrainConfig, embeddings_file: Path | None) -> DataReport:
+    """Doctor findings for the image folder, and the fixes `--fix` applies (move, shrink)."""
+    import numpy as np
+
+    from lora_scripts.data.image_index import index_image_dataset
+    from lora_scripts.datacheck import check_image_dataset, fix_dataset
+
+    index = index_image_dataset(cfg.train_data_dir, cfg.metadata_path, cfg.caption_extension)
+    resolution = cfg.resolution
+    if resolution is None:  # the family decides; a model not downloaded yet counts as SD1
+        family = cfg.model_family or (detect_sd_family(cfg.base_model) if Path(cfg.base_model).exists() else "sd1")
+        resolution = training_resolution(None, family)
+    embeddings = None
+    if embeddings_file is not None:
+        if not embeddings_file.is_file():
+            raise UserError(f"--embeddings {embeddings_file}: file not found; write it with `lora-scripts label --input DIR --embeddings-out FILE.npz`")
+        with np.load(embeddings_file) as data:
+            embeddings = {key: data[key] for key in data.files}
+    report = check_image_dataset(index, resolution, embeddings=embeddings)
+    return DataReport(report, fix=lambda max_side: fix_dataset(index, report, max_side=max_side))
+
+
+TASK = Task(name="image", preflight=preflight, build=build_image_task, data_report=image_data_report, generate=generate)

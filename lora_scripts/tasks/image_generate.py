@@ -11,10 +11,11 @@ import torch
 from lora_scripts.atomic import write_atomically
 from lora_scripts.config import TrainConfig
 from lora_scripts.errors import UserError
+from lora_scripts.models.precision import compute_dtype
 from lora_scripts.models.sd import load_sd_components
-from lora_scripts.tasks.image import default_resolution
+from lora_scripts.models.sd_detect import training_resolution
+from lora_scripts.tasks.base import GenerateRequest
 from lora_scripts.tasks.image_samples import make_pipeline, parse_prompt, render
-from lora_scripts.tasks.text import compute_dtype
 
 ADAPTER_NAME = "lora"
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -38,7 +39,7 @@ def generate_images(cfg: TrainConfig, prompts: list[str], lora_scale: float, out
     return the paths. Prompt i uses seed + i, so strength 0 reproduces the base model's image."""
     components = load_sd_components(cfg.base_model, cfg.model_family, cfg.allow_unsafe_pickle, torch.float32, cfg.model_config_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = compute_dtype(cfg, device)
+    dtype = compute_dtype(cfg.mixed_precision, device)
     for part in (components.unet, *components.text_encoders):
         part.to(device, dtype)
     components.vae.to(device)  # decoded in float32: SDXL's VAE overflows in fp16
@@ -50,12 +51,20 @@ def generate_images(cfg: TrainConfig, prompts: list[str], lora_scale: float, out
         except (ValueError, KeyError, RuntimeError) as exc:
             raise UserError(f"{lora} does not fit base_model {cfg.base_model} ({' '.join(str(exc).split())[:200]})") from None
         pipe.set_adapters([ADAPTER_NAME], adapter_weights=[lora_scale])
-    resolution = cfg.resolution or default_resolution(components.family)
+    resolution = training_resolution(cfg.resolution, components.family)
     images = render(pipe, [parse_prompt(prompt) for prompt in prompts], resolution, steps, seed)
     paths = [out_dir / f"{i:02d}-{slug(prompt)}.png" for i, prompt in enumerate(prompts)]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir, lambda tmp: [image.save(tmp / path.name) for image, path in zip(images, paths)])
     return paths
+
+
+def generate(cfg: TrainConfig, request: GenerateRequest) -> list[str]:
+    """`lora-scripts generate` for images: render the prompts with the LoRA; the PNG paths."""
+    steps = request.steps or cfg.sample_steps
+    seed = cfg.seed if request.seed is None else request.seed
+    out_dir = request.out_dir or cfg.output_dir / "generated"
+    return [str(path) for path in generate_images(cfg, request.prompts, request.lora_scale, out_dir, steps, seed, request.adapter)]
 
 
 def slug(prompt: str, words: int = 6) -> str:

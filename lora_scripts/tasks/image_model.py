@@ -118,7 +118,7 @@ def lora_targets(model: nn.Module, wanted: list[str] | None) -> list[str]:
     return names
 
 
-def attach_lora(model: SDLoRAModel, cfg: TrainConfig) -> tuple[int, int]:
+def add_sd_lora(model: SDLoRAModel, cfg: TrainConfig) -> tuple[int, int]:
     """Freeze the base weights and add a fresh float32 LoRA to the UNet and, with
     `train_text_encoder`, to each text encoder. Returns (UNet modules, text-encoder modules)."""
     model.requires_grad_(False)
@@ -143,16 +143,3 @@ def param_groups(model: SDLoRAModel, cfg: TrainConfig) -> list[dict[str, Any]]:
     if text:
         groups.append({"params": text, "lr": cfg.text_encoder_lr or cfg.learning_rate})
     return groups
-
-
-def load_lora_params(model: SDLoRAModel, params: dict[str, torch.Tensor]) -> None:
-    """Copy saved LoRA parameters (a checkpoint's lora_params.safetensors) into `model`.
-
-    Raises ValueError when the names do not match the model's LoRA parameters exactly.
-    """
-    own = {name: param for name, param in model.named_parameters() if param.requires_grad}
-    if own.keys() != params.keys():
-        raise ValueError(f"LoRA parameters differ: {sorted(own.keys() ^ params.keys())[:3]}")
-    with torch.no_grad():
-        for name, param in own.items():
-            param.copy_(params[name])

@@ -21,6 +21,7 @@ from PIL import Image
 from lora_scripts.atomic import write_atomically
 from lora_scripts.errors import UserError
 from lora_scripts.models.sd import SDComponents
+from lora_scripts.tracking import Tracker
 
 GUIDANCE_SCALE = 7.5  # diffusers' and kohya's default
 _OPTION_START = re.compile(r"\s--(?=[a-z]\b)")
@@ -126,16 +127,15 @@ def image_strip(images: list[Image.Image]) -> Image.Image:
 
 class SampleRenderer:
     """Renders the sample prompts with the model being trained: `output_dir/samples/step_{N}.png`
-    (the images side by side) and TensorBoard's `samples` image under output_dir/logs."""
+    (the images side by side), also logged to TensorBoard as the `samples` image."""
 
     def __init__(self, components: SDComponents, model: torch.nn.Module, prompts: list[SamplePrompt],
                  output_dir: Path, size: int, steps: int, seed: int) -> None:
         self.components, self.model, self.prompts = components, model, prompts
-        self.folder, self.log_dir = output_dir / "samples", output_dir / "logs"
+        self.folder = output_dir / "samples"
         self.size, self.steps, self.seed = size, steps, seed
-        self._writer = None
 
-    def __call__(self, step: int) -> Path:
+    def __call__(self, step: int, tracker: Tracker) -> Path:
         """Render every prompt at this step; returns the PNG written."""
         was_training = self.model.training
         self.model.eval()  # no LoRA dropout while sampling
@@ -147,10 +147,5 @@ class SampleRenderer:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step_{step}.png"
         write_atomically(self.folder, lambda tmp: strip.save(tmp / path.name))
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.log_dir))
-        self._writer.add_image("samples", np.asarray(strip), step, dataformats="HWC")
-        self._writer.flush()
+        tracker.log_image(step, "samples", np.asarray(strip))
         return path

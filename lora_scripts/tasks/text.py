@@ -13,27 +13,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from lora_scripts.check_data import check_text_rows, summary_line
 from lora_scripts.config import TrainConfig
 from lora_scripts.data.text_files import read_rows
-from lora_scripts.data.text_samples import (
-    IGNORE_INDEX,
-    SampleBuilder,
-    build_samples,
-    detect_format,
-    make_collate,
-    split_validation,
-    validate_rows,
-)
+from lora_scripts.data.text_samples import IGNORE_INDEX, build_samples, detect_format, make_collate, split_validation, validate_rows
 from lora_scripts.errors import UserError, read_json
 from lora_scripts.models.llm import check_llm_path, load_llm
-from lora_scripts.tasks.base import Batch, Progress, Task
+from lora_scripts.models.precision import compute_dtype
+from lora_scripts.tasks.base import Batch, Progress, Task, TaskRun
+from lora_scripts.tasks.text_data import check_text_rows, make_sample_builder, text_data_report
+from lora_scripts.tasks.text_infer import generate
 
 BLOCK_CONTAINERS = (".layers.", ".h.", ".blocks.")
-NAN_ADVICE = (
-    "usually the learning rate is too high (try half), or fp16 overflowed (use bf16 or "
-    "mixed_precision: no)"
-)
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -58,14 +48,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def compute_dtype(cfg: TrainConfig, device: str) -> torch.dtype:
-    """Frozen base weights in the mixed-precision dtype on GPU, float32 on CPU."""
-    if device == "cpu" or cfg.mixed_precision == "no":
-        return torch.float32
-    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
-
-
-def attach_lora(model: nn.Module, cfg: TrainConfig) -> PeftModel:
+def wrap_with_lora(model: nn.Module, cfg: TrainConfig) -> PeftModel:
     """Wrap the base model with a fresh LoRA, or with the one named by `init_lora_weights`:
     a PEFT adapter folder, or a PEFT `adapter_model.safetensors` file (shaped by this config)."""
     source = cfg.init_lora_weights
@@ -152,20 +135,14 @@ def _fingerprint(cfg: TrainConfig, samples: list) -> dict[str, str]:
     return {"base_model": str(cfg.base_model), "data": digest.hexdigest()[:16]}
 
 
-def make_sample_builder(cfg: TrainConfig, tokenizer, rows) -> SampleBuilder:
-    """The sample builder for this config's data layout."""
-    fmt = detect_format(rows, cfg.data_format, cfg.prompt_template)
-    return SampleBuilder(tokenizer, fmt, cfg.prompt_template, cfg.max_seq_length, cfg.train_on_inputs)
-
-
-def build_text_task(cfg: TrainConfig, device: str) -> Task:
+def build_text_task(cfg: TrainConfig, device: str) -> TaskRun:
     """Load model and data, attach LoRA, and return the task for the shared loop."""
     rows = read_rows(cfg.train_data_dir)
     validation_rows = read_rows(cfg.validation_file) if cfg.validation_file is not None else []
-    model, tokenizer = load_llm(cfg.base_model, compute_dtype(cfg, device))
+    model, tokenizer = load_llm(cfg.base_model, compute_dtype(cfg.mixed_precision, device))
     builder = make_sample_builder(cfg, tokenizer, rows)
     samples, stats = build_samples(rows, builder)
-    data_check = summary_line(check_text_rows(builder, rows, validation_rows, stats.lengths))
+    data_check = check_text_rows(builder, rows, validation_rows, stats.lengths).summary_line()
     if validation_rows:
         eval_samples, _ = build_samples(validation_rows, builder)
         train_samples = samples
@@ -175,7 +152,7 @@ def build_text_task(cfg: TrainConfig, device: str) -> Task:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    peft_model = attach_lora(model, cfg)
+    peft_model = wrap_with_lora(model, cfg)
     trainable, total = peft_model.get_nb_trainable_parameters()
 
     def save_adapter(folder: Path, name: str, progress: Progress) -> list[Path]:
@@ -189,7 +166,7 @@ def build_text_task(cfg: TrainConfig, device: str) -> Task:
         f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {sorted(peft_model.peft_config['default'].target_modules)}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
-    return Task(
+    return TaskRun(
         model=peft_model,
         train_set=train_samples,
         eval_set=eval_samples,
@@ -201,5 +178,7 @@ def build_text_task(cfg: TrainConfig, device: str) -> Task:
         unit_name="tokens",
         fingerprint=_fingerprint(cfg, train_samples),
         summary=summary,
-        nan_advice=NAN_ADVICE,
     )
+
+
+TASK = Task(name="text-generation", preflight=preflight, build=build_text_task, data_report=text_data_report, generate=generate)

@@ -12,7 +12,8 @@ from lora_scripts.config import TrainConfig
 from lora_scripts.data.text_files import read_rows
 from lora_scripts.errors import UserError
 from lora_scripts.models.llm import load_llm
-from lora_scripts.tasks.text import make_sample_builder
+from lora_scripts.tasks.base import GenerateRequest
+from lora_scripts.tasks.text_data import make_sample_builder
 
 
 def load_with_adapter(cfg: TrainConfig, adapter_dir: Path | None, lora_scale: float = 1.0):
@@ -44,9 +45,11 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ad
     return outputs
 
 
-def generate(cfg: TrainConfig, prompts: list[str], max_new_tokens: int, adapter_dir: Path | None, lora_scale: float) -> list[str]:
-    """Render each prompt as training prompts were rendered and complete it with the trained LoRA."""
-    model, tokenizer = load_with_adapter(cfg, adapter_dir, lora_scale)
+def generate(cfg: TrainConfig, request: GenerateRequest) -> list[str]:
+    """Render each prompt as training prompts were rendered, complete it with the trained LoRA;
+    `>>> prompt` then the completion, for each prompt."""
+    model, tokenizer = load_with_adapter(cfg, request.adapter, request.lora_scale)
     builder = make_sample_builder(cfg, tokenizer, read_rows(cfg.train_data_dir))
-    rendered = [builder.prompt_text(p) for p in prompts]
-    return generate_texts(model, tokenizer, rendered, max_new_tokens, add_special_tokens=not builder.is_chat)
+    rendered = [builder.prompt_text(p) for p in request.prompts]
+    texts = generate_texts(model, tokenizer, rendered, request.max_new_tokens, add_special_tokens=not builder.is_chat)
+    return [f">>> {prompt}\n{text}" for prompt, text in zip(request.prompts, texts)]
