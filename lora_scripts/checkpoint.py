@@ -1,8 +1,14 @@
 """Crash-safe checkpoints: `output_dir/step_{N}/`, written to a temporary folder and renamed.
 
 A checkpoint holds the task's adapter files (usable on their own) plus what a bit-exact resume
-needs: the LoRA parameters, optimizer, scheduler, gradient scaler, every RNG state and the step.
-Pickle is never loaded from outside: training state is read back with `weights_only=True`.
+needs: the LoRA parameters, optimizer, scheduler, gradient scaler, every RNG state of every
+process (each draws its own dropout and augmentations) and the step. Pickle is never loaded from
+outside: training state is read back with `weights_only=True`.
+
+Under FSDP the parameters and optimizer state are sharded over the processes; `full_parameters`
+and `optimizer_state` gather them (every process takes part) so a checkpoint and the final LoRA
+hold whole tensors, never shards, and `load_trainable_state` / `load_optimizer_state` shard them
+again on resume.
 """
 
 from __future__ import annotations
@@ -39,6 +45,18 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def all_rng_states() -> list[dict[str, Any]] | None:
+    """Every process's `rng_state()` in rank order, on the main process (None on the others).
+    Every process must call it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [rng_state()]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(rng_state(), gathered, dst=0)
+    return gathered
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -123,12 +141,65 @@ def load_trainable_state(model: torch.nn.Module, params: dict[str, torch.Tensor]
 
     Raises UserError when the names differ from the model's trainable parameters.
     """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     own = {name: param for name, param in model.named_parameters() if param.requires_grad}
     if own.keys() != params.keys():
         raise UserError(f"the checkpoint's LoRA parameters do not match this model's (e.g. {sorted(own.keys() ^ params.keys())[0]}); resume with the config that wrote it")
     with torch.no_grad():
         for name, param in own.items():
-            param.copy_(params[name])
+            value = params[name]
+            if isinstance(param, DTensor):  # FSDP: this process keeps its shard of the saved tensor
+                value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+            param.copy_(value)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP shards this model's parameters over the processes."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(param, DTensor) for param in model.parameters())
+
+
+@contextmanager
+def full_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, every trainable parameter FSDP shards is whole on every process, so the task's own
+    save functions see a normal model (LoRA parameters only: the frozen base stays sharded).
+    Every process must enter; with unsharded parameters it does nothing."""
+    from torch.distributed.tensor import DTensor
+
+    swapped = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, DTensor) and param.requires_grad:
+                module._parameters[name] = torch.nn.Parameter(param.full_tensor().detach().clone())
+                swapped.append((module, name, param))
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state to save: as is, or gathered whole when FSDP shards it (every process
+    must call it then; the main process gets the whole state)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    return get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore what `optimizer_state` saved (sharded again under FSDP)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state, options=StateDictOptions(full_state_dict=True))
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:

@@ -23,8 +23,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from lora_scripts.check_data import build_check_parser
-    from lora_scripts.export.commands import add_export_commands
+    from lora_scripts.commands import add_commands
     from lora_scripts.labeling.args import DESCRIPTION as LABEL_DESCRIPTION, build_label_parser
+    from lora_scripts.launch import add_launch_arguments
 
     parser = argparse.ArgumentParser(prog="lora-scripts", description="Config-driven LoRA training for Stable Diffusion and LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = add("train", help="train a LoRA from a YAML config")
     _add_config_args(train)
+    add_launch_arguments(train)
 
     generate = add("generate", help="generate with the base model plus the trained LoRA")
     _add_config_args(generate)
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build_label_parser(add("label", help="caption images with CLIP zero-shot labels", description=LABEL_DESCRIPTION))
 
-    add_export_commands(add)
+    add_commands(add)
 
     demo = add("demo", help="train the embedded SmolLM2 JSON-extraction example and show before/after scores")
     demo.add_argument("--output-dir", type=Path, default=Path("output/smollm2_json"))
@@ -81,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
         from lora_scripts.label import run_label
 
         return run_label(args)
-    from lora_scripts.export.commands import EXPORT_COMMANDS, run_export_command
+    from lora_scripts.commands import COMMANDS, run_command
 
-    if args.command in EXPORT_COMMANDS:
-        return run_export_command(args)
+    if args.command in COMMANDS:
+        return run_command(args)
     if args.command == "demo":
         from lora_scripts.demo import run_demo
 
@@ -95,11 +97,18 @@ def run(args: argparse.Namespace) -> int:
 
         return run_check_data(cfg, args)
     if args.command == "train":
+        from lora_scripts.launch import LAUNCH_FLAGS_ENV, launch, plan_launch, process_rank
+
+        sets = "".join(f" --set {o}" for o in args.overrides)
+        topology = plan_launch(args, cfg)
+        if topology is not None:  # start the ranks, each running this command without the launch flags
+            sets_argv = [arg for override in args.overrides for arg in ("--set", override)]
+            return launch(topology, ["train", "--config", str(args.config), *sets_argv, *(["--debug"] if args.debug else [])])
         from lora_scripts.loop import train
 
-        hint = f"lora-scripts train --config {args.config} --set resume=true" + "".join(f" --set {o}" for o in args.overrides)
+        hint = f"lora-scripts train --config {args.config} --set resume=true{sets}{os.environ.get(LAUNCH_FLAGS_ENV, '')}"
         result = train(cfg, resume_hint=hint)
-        if result.status == "done":
+        if result.status == "done" and process_rank() == 0:
             print(f"done: {result.step} steps; LoRA written to {result.output_dir}")
         return 0
     if args.command == "generate":

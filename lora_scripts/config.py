@@ -10,18 +10,44 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import re
 from pathlib import Path
 import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StringConstraints, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from lora_scripts.errors import UserError
 
 TaskType = Literal["image", "text-generation"]
+# `init_lora_weights` method words (PEFT LoraConfig.init_lora_weights); any other value is a path
+InitLoraMethod = Annotated[str, StringConstraints(pattern=r"^(pissa|pissa_niter_[1-9][0-9]*|olora|gaussian)$")]
+CONVERTED_INITS = ("pissa", "olora")  # methods that rewrite base weights: saved converted to plain LoRA
 COMBINATION_ERROR = "key_combination"  # pydantic error type of `_check_combinations`
+
+
+class DistributedConfig(BaseModel):
+    """The `distributed:` keys: how several processes share a run (README: "More than one process or machine")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="`ddp`: every process holds the whole model, gradients are averaged (GPUs or CPUs). `fsdp`: "
+        "the model is sharded over the GPUs (accelerate's FSDP2), for a base that does not fit one GPU; the "
+        "saved LoRA is gathered, a normal adapter. GPUs only. `deepspeed`: not supported (see README).",
+    )
+    timeout_minutes: float = Field(
+        30.0, gt=0, description="How long a process waits for the others in a collective before the job stops with an error."
+    )
+    accelerate_config: Path | None = Field(
+        None,
+        description="An accelerate config file (`accelerate config` writes one) whose num_processes, "
+        "num_machines, machine_rank, main_process_ip and main_process_port `lora-scripts train` uses; its "
+        "command-line flags override them.",
+    )
 
 
 class TrainConfig(BaseModel):
@@ -53,6 +79,13 @@ class TrainConfig(BaseModel):
         None, description="File name of the final LoRA (image task); default: last part of `output_dir`."
     )
 
+    export: list[Literal["gguf", "diffusers"]] = Field(
+        [],
+        description="Also write the finished LoRA in these formats, beside it in `output_dir`: `gguf` "
+        "(text: a llama.cpp GGUF adapter `<output_name>.gguf`; needs a `.gguf` base_model), `diffusers` "
+        "(image: `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights`).",
+    )
+
     # --- LoRA ----------------------------------------------------------------------------
     lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank r: capacity; 4-16 is typical.")
     lora_alpha: float | None = Field(
@@ -64,11 +97,60 @@ class TrainConfig(BaseModel):
         description="Module names to adapt. Default: every linear layer of the transformer "
         "blocks (text), kohya's attention/projection/feed-forward set (image).",
     )
-    init_lora_weights: Path | None = Field(
+    init_lora_weights: InitLoraMethod | Path | None = Field(
         None,
-        description="Incremental training: start from an existing LoRA instead of a fresh one: a PEFT "
-        "adapter folder or its `.safetensors` (text), a kohya/A1111 `.safetensors` (image). Rank and "
-        "alpha must match.",
+        description="How the LoRA starts. A path: incremental training from an existing LoRA, a PEFT adapter "
+        "folder or its `.safetensors` (text), a kohya/A1111 `.safetensors` (image); rank and alpha must match. "
+        "Text task, a method word (checked before the value is taken as a path): `pissa` (the principal "
+        "singular vectors of each weight, arXiv:2404.02948; `pissa_niter_N`: fast randomized SVD with N "
+        "iterations), `olora` (QR decomposition, arXiv:2406.01775), `gaussian`. PiSSA and OLoRA move part of "
+        "the base weights into the adapter, so the adapter is saved converted to a plain LoRA of rank "
+        "2 x lora_rank that loads on the untouched base; the initial adapter stays in `output_dir/lora_init/`.",
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA (arXiv:2402.09353): also learn each weight row's magnitude. Text task. PEFT and "
+        "merging use it; vLLM and llama.cpp cannot (merge it instead).",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="rsLoRA (arXiv:2312.03732): scale the update by alpha / sqrt(rank) instead of alpha / rank, "
+        "so higher ranks keep learning. Text task.",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+ (arXiv:2402.12354): the B (up) matrices learn at learning_rate x this ratio, A at "
+        "learning_rate; the paper uses 16. Plain LoRA/LoCon.",
+    )
+    rank_pattern: dict[str, PositiveInt] = Field(
+        {},
+        description="Per-module rank, as PEFT's `rank_pattern`: {module name or regex: rank}, e.g. "
+        "{down_proj: 16}; other modules keep lora_rank. Text task.",
+    )
+    alpha_pattern: dict[str, PositiveFloat] = Field(
+        {}, description="Per-module alpha, as PEFT's `alpha_pattern`: {module name or regex: alpha}. Text task."
+    )
+    network_type: Literal["lora", "loha", "lokr"] = Field(
+        "lora",
+        description="Image task: `lora` (kohya's LoRA; LoCon with conv_dim), `loha` (LyCORIS LoHa: Hadamard "
+        "product of two low-rank pairs) or `lokr` (LyCORIS LoKr: Kronecker product), saved with LyCORIS' key "
+        "names, which A1111 and ComfyUI load (diffusers does not).",
+    )
+    conv_dim: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Image task: also adapt kohya's conv set, the UNet's ResNet blocks, downsamplers and "
+        "upsamplers: their 3x3 convs at this rank (LoCon), their linear and 1x1 layers at lora_rank.",
+    )
+    conv_alpha: float | None = Field(None, gt=0, description="Alpha of the 3x3 conv layers. Default: = conv_dim.")
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA (arXiv:2305.14314): keep the frozen base in 4-bit NF4 (double quantization, bf16 "
+        "compute); a GGUF base is dequantized, then quantized. Text task. Needs bitsandbytes (`pip install "
+        "bitsandbytes==0.50.2`, or the `qlora` extra): on a CUDA GPU, or, measured with that release, on a CPU "
+        "when every layer width is a multiple of 64.",
     )
 
     # --- optimisation --------------------------------------------------------------------
@@ -139,6 +221,17 @@ class TrainConfig(BaseModel):
         "(messages / instruction+output / prompt+completion / text).",
     )
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: response only).")
+    packing: bool = Field(
+        True,
+        description="Lay the samples of each micro-batch end to end in one row instead of padding them: no "
+        "compute on padding, same loss and gradients (attention stays within each sample). Checked on the "
+        "model at start-up; a model that cannot keep packed samples apart trains padded.",
+    )
+    target_logits_only: bool = Field(
+        True,
+        description="Compute the LM head's logits only where the next token is trained (skips it on prompt "
+        "tokens); same loss.",
+    )
 
     # --- image task ---
     model_family: Literal["sd1", "sd2", "sd2_v", "sdxl"] | None = Field(
@@ -241,6 +334,13 @@ class TrainConfig(BaseModel):
         "`diffusers`: a diffusers LoRA folder (`pytorch_lora_weights.safetensors`).",
     )
 
+    # --- several processes ------------------------------------------------------------
+    distributed: DistributedConfig = Field(
+        {},  # validated into the defaults below; a plain mapping shows as such in the UI's form
+        description="Training on several processes or machines (`lora-scripts train --num-processes N`): "
+        "a mapping of `strategy`, `timeout_minutes` and `accelerate_config` (the `distributed.*` rows).",
+    )
+
     # --- safety ------------------------------------------------------------------------
     allow_unsafe_pickle: bool = Field(
         False, description="Allow loading pickle files (`.ckpt`, `.bin`), which can run code. Off by default."
@@ -270,9 +370,54 @@ class TrainConfig(BaseModel):
             problems.append("text_encoder_lr is set but train_text_encoder is false; set train_text_encoder: true or remove text_encoder_lr")
         if self.cache_latents_to_disk and not self.cache_latents:
             problems.append("cache_latents_to_disk needs cache_latents: true")
+        if "diffusers" in self.export and self.save_format == "diffusers":
+            problems.append("export: [diffusers] repeats save_format: diffusers; remove one of them")
+        problems += self._method_problems()
         if problems:
             raise PydanticCustomError(COMBINATION_ERROR, "{problems}", {"problems": "\n".join(problems)})
         return self
+
+    def _method_problems(self) -> list[str]:
+        """The LoRA-method keys (DoRA, rsLoRA, LoRA+, PiSSA, LoCon/LoHa/LoKr, QLoRA) that cannot work together."""
+        problems = []
+        method = self.init_lora_method or ""
+        # key: (is set, why it is text-only); A1111's networks.py normalises kohya `dora_scale` per input
+        # column where PEFT and LyCORIS use output rows, so an image DoRA would load wrong there
+        text_only = {"use_dora": (self.use_dora, "; for images A1111 would apply its magnitudes per input column, PEFT learns them per output row"),
+                     "use_rslora": (self.use_rslora, ""), "rank_pattern": (self.rank_pattern, ""), "alpha_pattern": (self.alpha_pattern, ""),
+                     "load_in_4bit": (self.load_in_4bit, ""), f"init_lora_weights: {method}": (method, "; for images it takes a kohya LoRA file to continue from")}
+        image_only = {"network_type": (self.network_type != "lora", ""), "conv_dim": (self.conv_dim, ""), "conv_alpha": (self.conv_alpha, "")}
+        task, wrong = ("text", text_only) if self.task_type == "image" else ("image", image_only)
+        problems += [f"{key} is for the {task} task only{why}; remove it" for key, (value, why) in wrong.items() if value]
+        if self.conv_alpha is not None and self.conv_dim is None:
+            problems.append("conv_alpha is set but conv_dim is not; set conv_dim (the rank of the 3x3 conv layers) or remove conv_alpha")
+        if self.network_type != "lora":
+            if self.loraplus_lr_ratio:
+                problems.append(f"loraplus_lr_ratio speeds up the B (up) matrices of a plain LoRA, which {self.network_type} has none of; remove it or use network_type: lora")
+            if self.lora_dropout:
+                problems.append(f"lora_dropout is plain LoRA's input dropout; network_type {self.network_type} has none here, set lora_dropout: 0")
+            if self.save_format == "diffusers" or "diffusers" in self.export:
+                problems.append(f"diffusers cannot load {self.network_type} (its kohya converter reads only lora_down/lora_up); use save_format: kohya for A1111/ComfyUI")
+        if method.startswith(CONVERTED_INITS):
+            if self.use_dora:
+                problems.append(f"init_lora_weights {method} is saved converted to a plain LoRA, which cannot hold DoRA's magnitudes; set use_dora: false or init_lora_weights: null")
+            if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+                problems.append(f"PEFT cannot convert a {method} adapter that combines use_rslora with rank_pattern/alpha_pattern; drop one of them")
+            if self.load_in_4bit:
+                problems.append(f"init_lora_weights {method} rewrites the base weights, which a 4-bit base cannot hold exactly; use load_in_4bit with the default initialisation")
+        if self.use_dora and "gguf" in self.export:
+            problems.append("llama.cpp cannot apply DoRA, so export: [gguf] would fail after training; remove gguf from export or set use_dora: false")
+        return problems
+
+    @property
+    def init_lora_path(self) -> Path | None:
+        """`init_lora_weights` when it names an existing LoRA to continue from (incremental training)."""
+        return self.init_lora_weights if isinstance(self.init_lora_weights, Path) else None
+
+    @property
+    def init_lora_method(self) -> str | None:
+        """`init_lora_weights` when it is a method word (pissa, pissa_niter_N, olora, gaussian)."""
+        return self.init_lora_weights if isinstance(self.init_lora_weights, str) else None
 
     @property
     def effective_output_name(self) -> str:
@@ -359,7 +504,8 @@ def _describe_error(err: dict[str, Any], source: str) -> str:
         return f"{source}: unknown key `{key}`{hint}"
     if kind == "missing":
         desc = TrainConfig.model_fields[key].description or ""
-        return f"{source}: missing required key `{key}` ({desc.split('.')[0]})"
+        first_sentence = re.split(r"\.(?:\s|$)", desc)[0]
+        return f"{source}: missing required key `{key}` ({first_sentence})"
     value = err.get("input")
     return f"{source}: `{key}` = {value!r}: {err['msg']}"
 
@@ -372,7 +518,18 @@ def _type_name(annotation: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(annotation))
     if get_origin(annotation) is list:
         return f"list of {_type_name(get_args(annotation)[0])}"
+    if get_origin(annotation) is dict:
+        return "mapping of " + " to ".join(_type_name(a) for a in get_args(annotation))
+    if get_origin(annotation) is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if _is_model(annotation):
+        return "mapping"
     return {Path: "path", str: "string", bool: "true/false", float: "number"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _is_model(annotation: Any) -> bool:
+    """A nested group of keys (e.g. `distributed`)."""
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def schema_markdown() -> str:
@@ -386,7 +543,11 @@ def schema_markdown() -> str:
         "| key | type | default | meaning |",
         "|---|---|---|---|",
     ]
-    for name, field in TrainConfig.model_fields.items():
+    fields = []
+    for name, field in TrainConfig.model_fields.items():  # a nested model's keys get a row each, after its own
+        nested = field.annotation if _is_model(field.annotation) else None
+        fields += [(name, field)] + ([(f"{name}.{key}", sub) for key, sub in nested.model_fields.items()] if nested else [])
+    for name, field in fields:
         annotation = _type_name(field.annotation)
         default = "required" if field.is_required() else json.dumps(field.default, default=str)
         desc = (field.description or "").replace("|", "\\|")

@@ -17,6 +17,7 @@ RESUME_HARMLESS_KEYS = {
     "epochs", "max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
     "resume", "nan_policy", "output_name", "sample_prompts", "sample_every_n_steps", "sample_steps",
     "cache_latents_to_disk", "cache_dir",
+    "distributed",  # timeout and topology; a change of strategy or process count is refused by the loop
 }
 
 

@@ -1,10 +1,14 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The dequantized-GGUF cache of this test session: the first real-model test fills it, the others
+# (and the CLI processes they start, which inherit it) load from it; the user's cache is untouched.
+os.environ["LORA_SCRIPTS_CACHE"] = tempfile.mkdtemp(prefix="lora-scripts-cache-")
 
 
 @pytest.fixture(scope="session")

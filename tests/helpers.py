@@ -62,3 +62,26 @@ def text_config(tmp_path: Path, model_dir: Path, **overrides) -> Path:
     )
     keys.update(overrides)
     return write_config(tmp_path / "config.yaml", **keys)
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every entry below `folder`: type, and for files size and mtime (symlinks not followed).
+
+    A folder's own mtime is left out: probing it for write access adds and removes a file.
+    """
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        info = path.lstat()
+        changes = () if path.is_dir() and not path.is_symlink() else (info.st_size, info.st_mtime_ns)
+        found[path.relative_to(folder).as_posix()] = (info.st_mode, *changes)
+    return found
+
+
+def assert_refused_cleanly(results: list, cases: list[tuple[str, list[str], str]], root: Path, before: dict[str, tuple]) -> None:
+    """Each (name, argv, expected text) case exited 2 with one `error:` line holding the text, and
+    nothing under `root` changed since `before` (a `snapshot`)."""
+    for (name, _, expect), result in zip(cases, results):
+        stderr = result.stderr.strip()
+        assert result.returncode == 2, (name, stderr)
+        assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and expect in stderr, (name, stderr)
+    assert snapshot(root) == before, "a refused command wrote files"

@@ -31,7 +31,7 @@ import yaml
 
 from tests.bad_inputs.generators import GENERATORS, MARKER
 from tests.forkserver import Finished, ForkServer
-from tests.helpers import run_cli, write_qa_jsonl
+from tests.helpers import run_cli, snapshot, write_qa_jsonl
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = sorted(p.parent.name for p in CORPUS.glob("*/case.yaml"))
@@ -78,19 +78,6 @@ def first_case_per_topic() -> list[str]:
 
 
 COLD_START_CASES = first_case_per_topic()
-
-
-def snapshot(folder: Path) -> dict[str, tuple]:
-    """Every entry below `folder`: type, and for files size and mtime (symlinks not followed).
-
-    A folder's own mtime is left out: probing it for write access adds and removes a file.
-    """
-    found = {}
-    for path in sorted(folder.rglob("*")):
-        info = path.lstat()
-        changes = () if path.is_dir() and not path.is_symlink() else (info.st_size, info.st_mtime_ns)
-        found[path.relative_to(folder).as_posix()] = (info.st_mode, *changes)
-    return found
 
 
 def _substitute(value, places: dict[str, str]):

@@ -95,7 +95,7 @@ def test_single_file_checkpoint_with_text_encoder_lora(tmp_path, family):
     write_dataset(tmp_path / "data", [(32, 32), (48, 32), (32, 32), (40, 40)])
     config = image_config(tmp_path, tiny.single_file, model_config_dir=str(tiny.config_dir), train_text_encoder=True,
                           text_encoder_lr=5e-3, save_steps=1, max_steps=2, min_snr_gamma=5.0, noise_offset=0.05,
-                          gradient_checkpointing=True)
+                          gradient_checkpointing=True, export=["diffusers"])
     train_in_process(config)
     out = tmp_path / "out"
     modules = kohya_modules(load_file(out / "out.safetensors"))
@@ -112,6 +112,10 @@ def test_single_file_checkpoint_with_text_encoder_lora(tmp_path, family):
     assert min(max_change(trained, pipeline_outputs(tiny.diffusers_dir, family))) > 1e-3  # UNet and every text encoder
     loaded = pipeline_outputs(tiny.diffusers_dir, family, out / "out.safetensors")
     for got, expected in zip(loaded, trained):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # `export: [diffusers]` wrote the same LoRA in diffusers' layout beside the kohya file
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    for got, expected in zip(pipeline_outputs(tiny.diffusers_dir, family, out), trained):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 

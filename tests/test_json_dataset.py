@@ -1,4 +1,5 @@
-"""The JSON-extraction demo data: generator run from the outside, committed files, and the scorer."""
+"""The JSON-extraction demo data: the generator run from the outside, its three splits (the novel
+one disjoint from training in every vocabulary and template), the committed files, and the scorer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -15,23 +17,29 @@ from lora_scripts.eval.json_fields import JsonScore, extract_json_object, format
 REPO = Path(__file__).resolve().parents[1]
 GENERATOR = REPO / "tools" / "make_json_dataset.py"
 COMMITTED = REPO / "data" / "json_extract"
+# The command in README.md and the generator's docstring.
+DOCUMENTED = {"train": 480, "heldout": 60, "novel": 60, "seed": 0}
+SPLITS = ("train", "heldout", "novel")
 FIELDS = {
     "order": ["type", "customer", "item", "quantity", "city", "date"],
     "patient_note": ["type", "patient", "age", "symptom", "systolic_bp", "medication"],
     "ticket": ["type", "customer", "product", "issue", "priority"],
 }
-HAN = re.compile(r"[\u4e00-\u9fff]")
+# Answer fields copied verbatim from the record, and the vocabulary each comes from.
+COPIED = {"customer": "names", "patient": "names", "item": "items", "city": "cities", "symptom": "symptoms",
+          "medication": "medications", "product": "products", "issue": "issues"}
+ZH_PUNCTUATION = re.compile("[，。：；｜（）“”—]")
 
 
-def generate(out: Path, train: int = 480, heldout: int = 48, seed: int = 0) -> Path:
+def generate(out: Path, train: int, heldout: int, novel: int, seed: int) -> Path:
     """Run the generator as a user would and return its output folder."""
-    subprocess.run([sys.executable, str(GENERATOR), "--out", str(out), "--train", str(train),
-                    "--heldout", str(heldout), "--seed", str(seed)], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(GENERATOR), "--out", str(out), "--train", str(train), "--heldout", str(heldout),
+                    "--novel", str(novel), "--seed", str(seed)], check=True, capture_output=True)
     return out
 
 
-def read_split(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+def read_split(folder: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (folder / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def record_text(sample: dict) -> str:
@@ -39,79 +47,173 @@ def record_text(sample: dict) -> str:
     return sample["messages"][0]["content"].split("\n\n", 1)[1]
 
 
+def answer(sample: dict) -> dict:
+    return json.loads(sample["messages"][1]["content"])
+
+
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate(tmp_path_factory.mktemp("json_extract"))
+def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    folder = generate(tmp_path_factory.mktemp("json_extract"), **DOCUMENTED)
+    return {split: read_split(folder, split) for split in SPLITS}
 
 
-def test_same_seed_gives_identical_bytes_and_other_seed_differs(generated: Path, tmp_path: Path) -> None:
-    again = generate(tmp_path / "again")
-    other = generate(tmp_path / "other", seed=1)
-    for name in ("train.jsonl", "heldout.jsonl"):
-        assert (again / name).read_bytes() == (generated / name).read_bytes()
-        assert (other / name).read_bytes() != (generated / name).read_bytes()
+@pytest.fixture(scope="module")
+def package() -> ModuleType:
+    """The generator's package (tools/json_dataset), imported as the script imports it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO / "tools"))
+        import json_dataset.records
+
+        yield json_dataset
 
 
-def test_committed_files_match_documented_command(generated: Path) -> None:
-    for name in ("train.jsonl", "heldout.jsonl"):
-        assert (COMMITTED / name).read_bytes() == (generated / name).read_bytes(), (
-            f"data/json_extract/{name} is stale: rerun tools/make_json_dataset.py "
-            "--out data/json_extract --train 480 --heldout 48 --seed 0")
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path: Path) -> None:
+    sizes = {"train": 30, "heldout": 12, "novel": 12}
+    first, again = generate(tmp_path / "a", **sizes, seed=0), generate(tmp_path / "b", **sizes, seed=0)
+    other = generate(tmp_path / "c", **sizes, seed=1)
+    for split in SPLITS:
+        assert (first / f"{split}.jsonl").read_bytes() == (again / f"{split}.jsonl").read_bytes()
+        assert (first / f"{split}.jsonl").read_bytes() != (other / f"{split}.jsonl").read_bytes()
+    # held-out splits do not depend on the training set's size, so runs on more data score the same records
+    bigger = generate(tmp_path / "d", **{**sizes, "train": 60}, seed=0)
+    for split in ("heldout", "novel"):
+        assert (bigger / f"{split}.jsonl").read_bytes() == (first / f"{split}.jsonl").read_bytes()
 
 
-def test_counts_and_chat_format(generated: Path, tmp_path: Path) -> None:
-    assert len(read_split(generated / "train.jsonl")) == 480
-    assert len(read_split(generated / "heldout.jsonl")) == 48
-    small = generate(tmp_path / "small", train=7, heldout=5)
-    assert [len(read_split(small / n)) for n in ("train.jsonl", "heldout.jsonl")] == [7, 5]
-    for sample in read_split(small / "train.jsonl"):
-        assert [m["role"] for m in sample["messages"]] == ["user", "assistant"]
+def test_committed_files_match_documented_command(tmp_path: Path) -> None:
+    fresh = generate(tmp_path / "fresh", **DOCUMENTED)
+    command = " ".join(f"--{k} {v}" for k, v in DOCUMENTED.items())
+    for split in SPLITS:
+        assert (COMMITTED / f"{split}.jsonl").read_bytes() == (fresh / f"{split}.jsonl").read_bytes(), (
+            f"data/json_extract/{split}.jsonl is stale: rerun tools/make_json_dataset.py --out data/json_extract {command}")
+    assert f"make_json_dataset.py --out data/json_extract {command}" in (REPO / "README.md").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("split", ["train.jsonl", "heldout.jsonl"])
-def test_answers_parse_with_exactly_the_type_fields(generated: Path, split: str) -> None:
-    samples = read_split(generated / split)
+def test_counts_and_chat_format(generated: dict[str, list[dict]]) -> None:
+    assert {split: len(samples) for split, samples in generated.items()} == {s: DOCUMENTED[s] for s in SPLITS}
+    for samples in generated.values():
+        assert all([m["role"] for m in s["messages"]] == ["user", "assistant"] for s in samples)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_answers_have_the_type_fields_and_copy_text_verbatim(generated: dict[str, list[dict]], split: str) -> None:
+    samples = generated[split]
     counts = {name: 0 for name in FIELDS}
     for sample in samples:
         user, assistant = (m["content"] for m in sample["messages"])
-        answer = json.loads(assistant)
-        assert list(answer) == FIELDS[answer["type"]]
-        assert assistant == json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
-        assert "keys: " + ", ".join(FIELDS[answer["type"]]) in re.sub(r" \([^)]*\)", "", user.split("\n\n")[0])
-        assert len(user.split()) <= 70 and len(user) <= 400
-        counts[answer["type"]] += 1
-        if answer["type"] == "order":
-            assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", answer["date"]) and isinstance(answer["quantity"], int)
-        elif answer["type"] == "patient_note":
-            assert isinstance(answer["age"], int) and isinstance(answer["systolic_bp"], int)
-            assert str(answer["systolic_bp"]) in user
+        instruction, text = user.split("\n\n", 1)
+        fields = answer(sample)
+        assert list(fields) == FIELDS[fields["type"]]
+        assert assistant == json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+        assert "keys: " + ", ".join(FIELDS[fields["type"]]) in re.sub(r" \([^)]*\)", "", instruction)
+        assert "Copy text values verbatim" in instruction
+        assert len(user) <= 500
+        counts[fields["type"]] += 1
+        for field in COPIED:
+            if field in fields:
+                assert fields[field] in text, (field, sample)
+        if fields["type"] == "order":
+            assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", fields["date"]) and type(fields["quantity"]) is int
+        elif fields["type"] == "patient_note":
+            assert type(fields["age"]) is int and type(fields["systolic_bp"]) is int
+            assert str(fields["systolic_bp"]) in text
         else:
-            assert answer["priority"] in {"low", "medium", "high"}
-        for field in ("customer", "patient", "item", "city", "symptom", "medication", "product", "issue"):
-            if field in answer:
-                assert answer[field] in record_text(sample), (field, sample)
+            assert fields["priority"] in {"low", "medium", "high"}
     assert min(counts.values()) >= len(samples) // 3
+    chinese = sum(bool(ZH_PUNCTUATION.search(record_text(s))) for s in samples)  # every Chinese template has some
+    assert abs(chinese - len(samples) / 2) <= 3
 
 
-def test_heldout_texts_unseen_in_train_and_both_languages_in_both_splits(generated: Path) -> None:
-    train = read_split(generated / "train.jsonl")
-    heldout = read_split(generated / "heldout.jsonl")
-    train_records = {record_text(s) for s in train}
-    assert len(train_records) == len(train)
-    assert not train_records & {record_text(s) for s in heldout}
-    for split in (train, heldout):
-        chinese = sum(bool(HAN.search(record_text(s))) for s in split)
-        assert len(split) // 3 <= chinese <= 2 * len(split) // 3
+def test_every_vocabulary_and_template_list_is_split_before_generating(package: ModuleType) -> None:
+    vocab, templates = package.vocab, package.templates
+    lists = {"native names": vocab.NATIVE_SCRIPT_NAMES, "zh surnames": vocab.ZH_SURNAMES, "zh given": vocab.ZH_GIVEN,
+             "zh foreign given": vocab.ZH_FOREIGN_GIVEN, "zh foreign family": vocab.ZH_FOREIGN_FAMILY,
+             "ja family": vocab.JA_FAMILY, "ja given": vocab.JA_GIVEN}
+    lists |= {f"{culture} given": given for culture, (given, _) in vocab.LATIN_NAMES.items()}
+    lists |= {f"{culture} family": family for culture, (_, family) in vocab.LATIN_NAMES.items()}
+    for table in ("CITIES", "ITEMS", "PRODUCTS", "SYMPTOMS", "MEDICATIONS", "ISSUES"):
+        lists |= {f"{table} {lang}": values for lang, values in getattr(vocab, table).items()}
+    lists |= {f"cues {lang} {level}": cues for lang, levels in vocab.PRIORITY_CUES.items() for level, cues in levels.items()}
+    for name, table in (("template", templates.TEMPLATES), ("filler", templates.FILLERS)):
+        lists |= {f"{name} {kind} {lang}": values for kind, langs in table.items() for lang, values in langs.items()}
+    for name, values in lists.items():
+        assert len(set(values)) == len(values), f"{name}: duplicate entries"
+        pools = vocab.split_pool(values)
+        assert pools["train"] and pools["novel"], name
+        assert not set(pools["train"]) & set(pools["novel"]), name
+        assert sorted(pools["train"] + pools["novel"], key=str) == sorted(values, key=str), name
 
 
-def test_dates_and_number_words_are_normalised(generated: Path) -> None:
-    samples = read_split(generated / "train.jsonl")
-    pairs = [(record_text(s), json.loads(s["messages"][1]["content"])) for s in samples]
-    spelled = [(text, a) for text, a in pairs if a["type"] == "order" and a["date"] not in text]
-    assert any("年" in text for text, _ in spelled) and any(re.search(r"[A-Z][a-z]+ \d", t) for t, _ in spelled)
-    assert any("sixty" in text and a["age"] // 10 == 6 for text, a in pairs if a["type"] == "patient_note")
-    assert any(re.search(r"两[台把盏个张副根]", text) and a["quantity"] == 2 for text, a in pairs
-               if a["type"] == "order")
+def _names(pools) -> set[str]:
+    """Every name a split's pools can produce."""
+    latin = {f"{g} {f}" for given, family in pools.latin_names for g in given for f in family}
+    return (latin | set(pools.native_names) | {s + g for s in pools.zh_surnames for g in pools.zh_given}
+            | {f"{g}·{f}" for g in pools.zh_foreign[0] for f in pools.zh_foreign[1]}
+            | {f + g for f in pools.ja_names[0] for g in pools.ja_names[1]})
+
+
+def _vocabulary(pools) -> dict[str, set[str]]:
+    both = lambda table: {v for values in table.values() for v in values}  # noqa: E731
+    return {"names": _names(pools), "items": {item for values in pools.items.values() for item, _ in values},
+            "cities": both(pools.cities), "symptoms": both(pools.symptoms), "medications": both(pools.medications),
+            "products": both(pools.products), "issues": both(pools.issues)}
+
+
+def _template_pattern(pools, kind: str) -> re.Pattern:
+    """A record made of one of this pool's templates of `kind`, with this pool's fillers around it."""
+    def regex(template: str) -> str:
+        literal = [re.escape(part) for part in re.split(r"\{\w+\}", template)]
+        return "(?:" + "(.+?)".join(literal) + ")"
+
+    templates = "|".join(regex(t) for lang in ("en", "zh") for t in pools.templates[kind][lang])
+    fillers = "|".join(re.escape(f).replace(r"\{n\}", r"\d+").replace(r"\{k\}", r"\d+").replace(r"\{p\}", r"\d+")
+                       .replace(r"\{d\}", r"\d+") for lang in ("en", "zh") for f in pools.fillers[kind][lang])
+    return re.compile(rf"(?:(?:{fillers}) ?)?(?:{templates})(?: ?(?:{fillers}))?", re.DOTALL)
+
+
+def test_novel_split_shares_no_vocabulary_or_template_with_training(generated: dict[str, list[dict]], package: ModuleType) -> None:
+    pools = {split: package.records.build_pools(split) for split in ("train", "novel")}
+    vocabulary = {split: _vocabulary(p) for split, p in pools.items()}
+    patterns = {(split, kind): _template_pattern(p, kind) for split, p in pools.items() for kind in FIELDS}
+    source = {"train": "train", "heldout": "train", "novel": "novel"}  # the familiar split uses training's pools
+    train_texts = "\n".join(record_text(s) for s in generated["train"])
+    for split, samples in generated.items():
+        own, other = source[split], "novel" if source[split] == "train" else "train"
+        for sample in samples:
+            fields, text = answer(sample), record_text(sample)
+            for field, table in COPIED.items():
+                if field in fields:
+                    assert fields[field] in vocabulary[own][table], (split, field, fields[field])
+                    assert fields[field] not in vocabulary[other][table], (split, field, fields[field])
+                    if split == "novel":
+                        assert fields[field] not in train_texts, (field, fields[field])
+            assert patterns[own, fields["type"]].fullmatch(text), (split, text)
+            assert not patterns[other, fields["type"]].fullmatch(text), (split, text)
+
+
+def test_all_records_are_distinct(generated: dict[str, list[dict]]) -> None:
+    texts = [record_text(s) for samples in generated.values() for s in samples]
+    assert len(set(texts)) == len(texts)
+
+
+def test_training_shows_every_wording_style(generated: dict[str, list[dict]]) -> None:
+    pairs = [(record_text(s), answer(s)) for s in generated["train"]]
+    orders = [(t, a) for t, a in pairs if a["type"] == "order"]
+    written = [t for t, a in orders if a["date"] not in t]
+    assert any(re.search(r"[〇一二三四五六七八九]{4}年", t) for t in written)  # 二〇二五年…
+    assert any(re.search(r"\d{4}年\d{1,2}月\d{1,2}[日号]", t) for t in written)
+    assert any(re.search(r"(January|February|March|April|May|June|July|August|September|October|November|December) \d", t) for t in written)
+    assert any(re.search(r"\d(st|nd|rd|th) of ", t) for t in written)
+    assert any(re.search(r"\d{4}/\d{1,2}/\d{1,2}", t) for t in written)
+    assert any(re.search(r"\b(twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety)-(one|two|three|four|five|six|seven|eight|nine)\b", t) for t, _ in pairs)
+    assert any(re.search(r"两[^\d]", t) and a["quantity"] == 2 for t, a in orders)
+    assert any(re.search(r"[二三四五六七八九]十[一二三四五六七八九]?[台把盏个张双包条支盒袋瓶箱件本根副]", t) and a["quantity"] >= 20 for t, a in orders)
+    # titles are in the text, never in the answer; measure words likewise
+    assert any(re.search(r"\b(Mr|Ms|Mrs|Dr|Prof)\.? ", t) for t, _ in pairs)
+    assert any(re.search(r"(先生|女士|老师|经理|医生)", t) for t, _ in pairs)
+    names = [a.get("customer") or a.get("patient") for _, a in pairs]
+    assert not any(re.match(r"(Mr|Ms|Mrs|Dr|Prof)\b", n) or n.endswith(("先生", "女士")) for n in names)
+    assert any(f"pairs of {a['item']}" in t or f"boxes of {a['item']}" in t for t, a in orders)
 
 
 def test_extract_json_object_handles_fences_prose_and_failures() -> None:
@@ -131,7 +233,7 @@ def test_score_counts_parse_failures_wrong_fields_and_types() -> None:
         {"type": "ticket", "priority": "low"},
     ]
     predictions = [
-        '```json\n{"type": "order", "quantity": 3, "city": "上海", "extra": 1}\n```',  # all right
+        'Here you go:\n```json\n{"type": "order", "quantity": 3, "city": "上海", "extra": 1}\n```\nDone.',  # all right
         '{"type": "order", "quantity": "2", "city": "berlin"}',  # "2" != 2, wrong case
         "I cannot help with that.",  # unparseable
         '{"type": "ticket"}',  # priority missing

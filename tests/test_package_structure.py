@@ -81,9 +81,20 @@ def test_only_tasks_tell_task_types_apart():
         if relative.startswith("tasks/") or relative == "config.py":  # the schema validates per task
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Compare) and "task_type" in ast.unparse(node.left) + "".join(ast.unparse(c) for c in node.comparators):
+            if isinstance(node, ast.Compare) and any(is_task_type(operand) for operand in [node.left, *node.comparators]):
                 offenders.append(f"{relative}:{node.lineno}: {ast.unparse(node)}")
     assert offenders == []
+
+
+def is_task_type(node: ast.expr) -> bool:
+    """`task_type` or `<anything>.task_type`: the value a branch on the task type compares."""
+    return (isinstance(node, ast.Name) and node.id == "task_type") or (isinstance(node, ast.Attribute) and node.attr == "task_type")
+
+
+def test_the_branch_finder_finds_a_planted_branch():
+    planted = ast.parse('if cfg.task_type == "image":\n    pass\nok = name not in task_type.exports')
+    compares = [node for node in ast.walk(planted) if isinstance(node, ast.Compare)]
+    assert [any(is_task_type(o) for o in [c.left, *c.comparators]) for c in compares] == [True, False]
 
 
 def test_every_task_type_of_the_schema_is_registered():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from gguf import GGUFReader
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -101,11 +102,16 @@ def test_real_smollm2_gguf_trains_a_few_steps(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text((REPO / "configs/examples/smollm2_json.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     proc = run_cli("train", "--config", str(config), "--set", f"output_dir={tmp_path / 'out'}", "--set", "max_steps=2",
-                   "--set", "batch_size=2", "--set", "save_steps=1", "--set", "validation_file=null")
+                   "--set", "batch_size=2", "--set", "save_steps=1", "--set", "validation_file=null", "--set", "export=[gguf]")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "step_2" / "adapter_model.safetensors").is_file()
     weights = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert len(weights) == 30 * 7 * 2  # 30 blocks x 7 linear layers x (A, B)
+    # `export: [gguf]`: the llama.cpp adapter beside the PEFT files, and how to use it
+    reader = GGUFReader(tmp_path / "out" / "out.gguf")
+    assert reader.fields["general.type"].contents() == "adapter" and reader.fields["general.architecture"].contents() == "llama"
+    assert len(reader.tensors) == len(weights)
+    assert "llama-cli -m" in proc.stdout and "--lora" in proc.stdout
 
 
 def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_llm_dir):

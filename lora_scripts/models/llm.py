@@ -130,11 +130,28 @@ def load_tokenizer(base_model: str):
 
 
 def load_llm(base_model: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, AutoTokenizer]:
-    """Load the base model (frozen later by PEFT) and its tokenizer, offline."""
+    """Load the base model (frozen later by PEFT) and its tokenizer, offline.
+
+    A GGUF file is dequantized once; later runs load the float32 copy in the cache
+    (`gguf_cache.py`).
+    """
+    from lora_scripts.models.gguf_cache import cached_copy, save_dequantized
+
     tokenizer = load_tokenizer(base_model)
+    path = Path(base_model)
+    cached = cached_copy(path) if path.is_file() else None
+    if cached is not None:
+        return _from_pretrained(base_model, str(cached), {}, dtype), tokenizer
     folder, kwargs = _from_pretrained_args(base_model)
+    model = _from_pretrained(base_model, folder, kwargs, dtype)
+    if kwargs and dtype == torch.float32:
+        print(save_dequantized(path, model), flush=True)
+    return model, tokenizer
+
+
+def _from_pretrained(base_model: str, folder: str, kwargs: dict[str, str], dtype: torch.dtype) -> PreTrainedModel:
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
     except pickle.UnpicklingError:
         raise UserError(
             f"base_model {base_model}: its pickle weights hold more than plain tensors, so the safe "
@@ -143,4 +160,3 @@ def load_llm(base_model: str, dtype: torch.dtype = torch.float32) -> tuple[PreTr
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"base_model {base_model}: cannot be loaded ({first_line})") from None
-    return model, tokenizer

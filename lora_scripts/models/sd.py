@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import SingleFileComponentError, create_diffusers_clip_model_from_ldm
 from diffusers.models import Transformer2DModel
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
 
@@ -47,6 +48,8 @@ TEXT_ENCODERS = {"sd1": (CLIP_L,), "sd2": (OPEN_CLIP_H,), "sd2_v": (OPEN_CLIP_H,
 
 # kohya-ss sd-scripts networks/lora.py: LoRA goes on every Linear / 1x1 Conv2d inside these.
 LORA_CONTAINER_CLASSES = (Transformer2DModel, CLIPAttention, CLIPMLP)
+# ... and, with conv_dim (LoCon), on every Linear / Conv2d inside these (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3)
+CONV_CONTAINER_CLASSES = (ResnetBlock2D, Downsample2D, Upsample2D)
 
 
 @dataclass
@@ -170,6 +173,19 @@ def sd_target_modules(model: torch.nn.Module) -> list[str]:
             if isinstance(child, torch.nn.Linear) or is_1x1_conv:
                 names.append(f"{container_name}.{child_name}")
     return names
+
+
+def sd_conv_target_modules(unet: torch.nn.Module) -> dict[str, bool]:
+    """The layers kohya's LoCon adds with `conv_dim`: every Linear and Conv2d inside the UNet's
+    ResNet blocks (conv1, conv2, time_emb_proj, conv_shortcut), downsamplers and upsamplers, as
+    {module path: is a 3x3 conv}. The 3x3 convs train at conv_dim, the others at the network rank."""
+    found = {}
+    for container_name, container in unet.named_modules():
+        if isinstance(container, CONV_CONTAINER_CLASSES):
+            for child_name, child in container.named_modules():
+                if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
+                    found[f"{container_name}.{child_name}"] = isinstance(child, torch.nn.Conv2d) and child.kernel_size == (3, 3)
+    return found
 
 
 def one_line(err: BaseException) -> str:

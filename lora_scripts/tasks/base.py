@@ -101,6 +101,8 @@ class Task:
     - `build(cfg, device)`: load model and data, attach LoRA; the `TaskRun` the loop trains.
     - `data_report(cfg, embeddings_file)`: the dataset doctor's findings (`check-data`).
     - `generate(cfg, request)`: run the base model plus a trained LoRA; the lines to print.
+    - `exports[format](cfg)`: write the finished LoRA in `output_dir` in another format (the
+      config's `export:` list names them); the lines to print.
     """
 
     name: str
@@ -108,3 +110,4 @@ class Task:
     build: Callable[[TrainConfig, str], TaskRun]
     data_report: Callable[[TrainConfig, Path | None], DataReport]
     generate: Callable[[TrainConfig, GenerateRequest], list[str]]
+    exports: dict[str, Callable[[TrainConfig], list[str]]] = field(default_factory=dict)

@@ -18,9 +18,11 @@ from safetensors.torch import load_file
 
 from lora_scripts.config import TrainConfig
 from lora_scripts.data.image_buckets import bucket_batcher
-from lora_scripts.data.image_cache import LatentCache, LatentRequest, module_fingerprint
+from lora_scripts.data.image_cache import CacheStats, LatentCache, LatentRequest, module_fingerprint
 from lora_scripts.datacheck.caption_checks import tag_frequency
 from lora_scripts.errors import UserError
+from lora_scripts.export.lora_files import lora_modules, open_lora
+from lora_scripts.launch import computed_once
 from lora_scripts.export.kohya import (
     LoraTrainingFacts,
     kohya_metadata,
@@ -32,9 +34,10 @@ from lora_scripts.export.kohya import (
 from lora_scripts.models.precision import compute_dtype
 from lora_scripts.models.sd import SDComponents, load_sd_components
 from lora_scripts.models.sd_detect import detect_sd_family, training_resolution
+from lora_scripts.schedule import global_batch_size
 from lora_scripts.tasks.base import NAN_ADVICE, DataReport, Progress, Task, TaskRun
 from lora_scripts.tasks.image_data import ImageCollate, ImageSample, count_images, select_images
-from lora_scripts.tasks.image_generate import generate
+from lora_scripts.tasks.image_generate import DIFFUSERS_LORA_FILE, generate
 from lora_scripts.tasks.image_model import LossSettings, SDLoRAModel, add_sd_lora, param_groups, tokenize
 from lora_scripts.tasks.image_samples import SampleRenderer, read_sample_prompts
 from lora_scripts.tracking import Tracker
@@ -46,15 +49,16 @@ def preflight(cfg: TrainConfig) -> None:
     """Check the base model and every image before loading any weights (option combinations are
     the schema's job). Raises UserError naming the bad model or images."""
     family = detect_sd_family(cfg.base_model, cfg.model_family, cfg.allow_unsafe_pickle)
-    if cfg.init_lora_weights is not None:
+    if cfg.init_lora_path is not None:
         read_init_lora(cfg)
     select_images(cfg, training_resolution(cfg.resolution, family), report=True)
     read_sample_prompts(cfg.sample_prompts)
 
 
 def read_init_lora(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The kohya LoRA file named by `init_lora_weights`, checked against `lora_rank`."""
-    source = cfg.init_lora_weights
+    """The kohya / LyCORIS file named by `init_lora_weights`, checked against network_type,
+    lora_rank and conv_dim (the exact factor shapes are checked as it loads)."""
+    source = cfg.init_lora_path
     if source is None or source.suffix != ".safetensors" or not source.is_file():
         raise UserError(f"init_lora_weights {source}: expected an existing kohya/A1111 LoRA .safetensors file (e.g. a previous run's <output_name>.safetensors)")
     try:
@@ -63,9 +67,15 @@ def read_init_lora(cfg: TrainConfig) -> dict[str, torch.Tensor]:
         raise UserError(f"init_lora_weights {source}: not a readable safetensors file ({exc})") from None
     if not state or not all(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in state):
         raise UserError(f"init_lora_weights {source}: not a kohya/A1111 LoRA (keys must start with lora_unet_ / lora_te…); for a diffusers LoRA folder, convert it or train anew")
-    ranks = {tensor.shape[0] for key, tensor in state.items() if key.endswith(".lora_down.weight")}
-    if ranks != {cfg.lora_rank}:
-        raise UserError(f"init_lora_weights {source}: rank {sorted(ranks)} differs from lora_rank {cfg.lora_rank}; set lora_rank: {min(ranks)}")
+    modules = lora_modules(open_lora(source))
+    kinds = sorted({module.kind for module in modules})
+    if kinds != [cfg.network_type]:
+        raise UserError(f"init_lora_weights {source}: a {'/'.join(kinds)} file; set network_type: {kinds[0]}")
+    plain = [module for module in modules if module.kind == "lora"]  # LoHa/LoKr factor shapes are checked as they load
+    for key, wanted, ranks in (("lora_rank", cfg.lora_rank, {m.rank for m in plain if m.kernel[-2:] != (3, 3)}),
+                               ("conv_dim", cfg.conv_dim, {m.rank for m in plain if m.kernel[-2:] == (3, 3)})):
+        if ranks and ranks != {wanted}:
+            raise UserError(f"init_lora_weights {source}: rank {sorted(ranks)} differs from {key} {wanted}; set {key}: {min(ranks)}")
     return state
 
 
@@ -79,16 +89,17 @@ def build_image_task(cfg: TrainConfig, device: str) -> TaskRun:
         cache_note = cache_latents(model, samples, cfg, vae_id)
     text_cache = None
     if not cfg.train_text_encoder and not cfg.shuffle_caption:
-        text_cache = cache_text_outputs(model, components, samples, cfg.caption_dropout_rate > 0)
+        text_cache = computed_once(lambda: cache_text_outputs(model, components, samples, cfg.caption_dropout_rate > 0))
     unet_modules, text_modules = add_sd_lora(model, cfg)
-    if cfg.init_lora_weights is not None:
-        loaded = load_kohya_into_peft(read_init_lora(cfg), model.unet, list(model.text_encoders), components.family, str(cfg.init_lora_weights))
-        cache_note += f"; started from {cfg.init_lora_weights} ({loaded} modules)"
+    if cfg.init_lora_path is not None:
+        source = f"init_lora_weights {cfg.init_lora_path}"
+        loaded = load_kohya_into_peft(read_init_lora(cfg), model.unet, list(model.text_encoders), components.family, source)
+        cache_note += f"; started from {cfg.init_lora_path} ({loaded} modules)"
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for encoder in model.text_encoders if cfg.train_text_encoder else []:
             encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    batcher = bucket_batcher([s.placement.bucket for s in samples], [s.record.repeats for s in samples], cfg.batch_size, cfg.seed)
+    batcher = bucket_batcher([s.placement.bucket for s in samples], [s.record.repeats for s in samples], global_batch_size(cfg.batch_size), cfg.seed)
     started_at = time.time()
     renderer = SampleRenderer(components, model, read_sample_prompts(cfg.sample_prompts), cfg.output_dir, resolution, cfg.sample_steps, cfg.seed)
 
@@ -111,7 +122,7 @@ def build_image_task(cfg: TrainConfig, device: str) -> TaskRun:
         f"{components.family} ({components.prediction_type}), resolution {resolution}; "
         f"{len(samples)} images ({sum(s.record.repeats for s in samples)} per epoch with repeats) in buckets "
         f"{bucket_counts(samples)}; {cache_note}; text encoder outputs {'computed every step' if text_cache is None else 'cached'}. "
-        f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {unet_modules} UNet + {text_modules} text-encoder modules: "
+        f"{network_summary(cfg)} on {unet_modules} UNet + {text_modules} text-encoder modules: "
         f"{trainable:,} trainable parameters"
     )
     return TaskRun(
@@ -151,15 +162,20 @@ def load_model(cfg: TrainConfig, device: str) -> tuple[SDComponents, SDLoRAModel
 
 def cache_latents(model: SDLoRAModel, samples: list[ImageSample], cfg: TrainConfig, vae_id: str) -> str:
     """Fill every sample's latents (and mirrored latents with flip_aug) once; returns a summary.
+    With several processes the main one encodes (and writes the disk cache), the others receive.
 
     Raises UserError when the VAE gives non-finite latents (SDXL's VAE in fp16).
     """
     folder = (cfg.cache_dir or cfg.train_data_dir / DEFAULT_CACHE_FOLDER) if cfg.cache_latents_to_disk else None
-    cache = LatentCache(vae_id, folder)
     flips = [False, True] if cfg.flip_aug else [False]
     requests = [LatentRequest(s.record.path, s.content_hash, s.placement, s.placement.center_crop, flip)
                 for flip in flips for s in samples]
-    latents = cache.fill(requests, model.encode_pixels, cfg.batch_size)
+
+    def fill() -> tuple[list[torch.Tensor], CacheStats]:
+        cache = LatentCache(vae_id, folder)
+        return cache.fill(requests, model.encode_pixels, cfg.batch_size), cache.stats
+
+    latents, stats = computed_once(fill)
     if not all(torch.isfinite(latent).all() for latent in latents):
         raise UserError("the VAE produced non-finite latents (NaN/inf); with mixed_precision fp16 set no_half_vae: true")
     for i, sample in enumerate(samples):
@@ -167,7 +183,7 @@ def cache_latents(model: SDLoRAModel, samples: list[ImageSample], cfg: TrainConf
         if cfg.flip_aug:
             sample.latents_flipped = latents[len(samples) + i]
     where = f" (disk cache {folder})" if folder else ""
-    return f"latents: {cache.stats.encoded} encoded, {cache.stats.from_disk} from disk cache{where}"
+    return f"latents: {stats.encoded} encoded, {stats.from_disk} from disk cache{where}"
 
 
 @torch.no_grad()
@@ -199,7 +215,28 @@ def training_facts(cfg: TrainConfig, family: str, resolution: int, samples: list
         max_train_steps=progress.total_steps, num_train_images=sum(s.record.repeats for s in samples),
         noise_offset=cfg.noise_offset or None, min_snr_gamma=cfg.min_snr_gamma,
         tag_frequency=tag_frequency([s.record for s in samples]),
+        network_module="networks.lora" if cfg.network_type == "lora" else "lycoris.kohya", network_args=network_args(cfg),
     )
+
+
+def network_args(cfg: TrainConfig) -> dict[str, str]:
+    """kohya's `ss_network_args`: the --network_args this run amounts to, as strings (kohya keeps the
+    command line's text): LyCORIS' `algo`, LoCon's `conv_dim` / `conv_alpha`, `loraplus_lr_ratio`."""
+    args = {"algo": cfg.network_type} if cfg.network_type != "lora" else {}
+    if cfg.conv_dim:
+        args |= {"conv_dim": str(cfg.conv_dim), "conv_alpha": f"{cfg.conv_alpha or cfg.conv_dim:g}"}
+    if cfg.loraplus_lr_ratio:
+        args["loraplus_lr_ratio"] = f"{cfg.loraplus_lr_ratio:g}"
+    return args
+
+
+def network_summary(cfg: TrainConfig) -> str:
+    """The adapter in words, e.g. `LoCon r=4 alpha=4 (3x3 convs r=8 alpha=4), LoRA+ x16`."""
+    name = {"loha": "LoHa", "lokr": "LoKr"}.get(cfg.network_type, "LoCon" if cfg.conv_dim else "LoRA")
+    text = f"{name} r={cfg.lora_rank} alpha={cfg.lora_alpha:g}"
+    if cfg.conv_dim:
+        text += f" (3x3 convs r={cfg.conv_dim} alpha={cfg.conv_alpha or cfg.conv_dim:g})"
+    return text + (f", LoRA+ x{cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else "")
 
 
 def bucket_counts(samples: list[ImageSample]) -> str:
@@ -238,4 +275,16 @@ def image_data_report(cfg: TrainConfig, embeddings_file: Path | None) -> DataRep
     return DataReport(report, fix=lambda max_side: fix_dataset(index, report, max_side=max_side))
 
 
-TASK = Task(name="image", preflight=preflight, build=build_image_task, data_report=image_data_report, generate=generate)
+def export_diffusers(cfg: TrainConfig) -> list[str]:
+    """The finished kohya LoRA also in diffusers' layout, `pytorch_lora_weights.safetensors`."""
+    from lora_scripts.export.convert_image import convert_image_lora
+
+    base = Path(cfg.base_model)
+    _, written, modules = convert_image_lora(cfg.output_dir / f"{cfg.effective_output_name}.safetensors", "diffusers",
+                                             cfg.output_dir / DIFFUSERS_LORA_FILE, family=cfg.model_family,
+                                             base=base if base.is_dir() else None)
+    return [f"diffusers LoRA written to {written} ({modules} modules; pipe.load_lora_weights(\"{cfg.output_dir}\"))"]
+
+
+TASK = Task(name="image", preflight=preflight, build=build_image_task, data_report=image_data_report,
+            generate=generate, exports={"diffusers": export_diffusers})

@@ -7,14 +7,17 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from lora_scripts.atomic import write_atomically
 from lora_scripts.config import TrainConfig
 from lora_scripts.errors import UserError
 from lora_scripts.models.precision import compute_dtype
-from lora_scripts.models.sd import load_sd_components
+from lora_scripts.export.kohya import load_kohya_into_peft, lora_layers
+from lora_scripts.models.sd import SDComponents, load_sd_components
 from lora_scripts.models.sd_detect import training_resolution
 from lora_scripts.tasks.base import GenerateRequest
+from lora_scripts.tasks.image_model import attach_adapters
 from lora_scripts.tasks.image_samples import make_pipeline, parse_prompt, render
 
 ADAPTER_NAME = "lora"
@@ -44,7 +47,9 @@ def generate_images(cfg: TrainConfig, prompts: list[str], lora_scale: float, out
         part.to(device, dtype)
     components.vae.to(device)  # decoded in float32: SDXL's VAE overflows in fp16
     pipe = make_pipeline(components)
-    if adapter is not None:
+    if adapter is not None and cfg.network_type != "lora":
+        attach_lycoris(cfg, components, find_lora(cfg, adapter), lora_scale)
+    elif adapter is not None:
         lora = find_lora(cfg, adapter)
         try:
             pipe.load_lora_weights(str(lora), adapter_name=ADAPTER_NAME)
@@ -57,6 +62,17 @@ def generate_images(cfg: TrainConfig, prompts: list[str], lora_scale: float, out
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir, lambda tmp: [image.save(tmp / path.name) for image, path in zip(images, paths)])
     return paths
+
+
+def attach_lycoris(cfg: TrainConfig, components: SDComponents, lora: Path, lora_scale: float) -> None:
+    """Put a LoHa / LoKr file (which diffusers cannot load) on the pipeline's models the way the
+    run trained it (PEFT layers from the config, weights from the file), its update x lora_scale."""
+    encoders = components.text_encoders
+    attach_adapters(components.unet, encoders if cfg.train_text_encoder else [], cfg)
+    load_kohya_into_peft(load_file(str(lora)), components.unet, encoders, components.family, str(lora))
+    for model in (components.unet, *encoders):
+        for _, layer in lora_layers(model):
+            layer.scaling["default"] *= lora_scale
 
 
 def generate(cfg: TrainConfig, request: GenerateRequest) -> list[str]:

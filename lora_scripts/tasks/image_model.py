@@ -11,19 +11,21 @@ both encoders' penultimate hidden states and takes the pooled embedding from the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from torch import nn
 
 from lora_scripts.config import TrainConfig
 from lora_scripts.errors import UserError
-from lora_scripts.models.sd import SDComponents, sd_target_modules
+from lora_scripts.models.sd import SDComponents, sd_conv_target_modules, sd_target_modules
 from lora_scripts.tasks.base import Batch
+from lora_scripts.tasks.lora_plus import lora_param_groups
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ class SDLoRAModel(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Sum over the batch of each image's (SNR-weighted) mean squared prediction error.
 
-        Noise and timesteps come from torch's global RNG, which the loop saves for exact resumes.
+        Noise and timesteps come from each image's seed when the batch has `sample_seeds` (the
+        loop's: the same draws however a batch is split over processes), else from torch's
+        global RNG.
         """
         latents = batch["latents"] if "latents" in batch else self.encode_pixels(batch["pixels"])
         if "prompt_embeds" in batch:
@@ -80,11 +84,11 @@ class SDLoRAModel(nn.Module):
         else:
             with torch.set_grad_enabled(self.settings.train_text_encoder and torch.is_grad_enabled()):
                 embeds, pooled = self.encode_text([batch[f"input_ids_{i}"] for i in range(len(self.text_encoders))])
-        noise = torch.randn_like(latents)
-        if self.settings.noise_offset:
-            offset = torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-            noise = noise + self.settings.noise_offset * offset
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        if "sample_seeds" in batch:
+            drawn = [self.draw_noise(latents[:1], torch.Generator(latents.device).manual_seed(seed)) for seed in batch["sample_seeds"].tolist()]
+            noise, timesteps = torch.cat([n for n, _ in drawn]), torch.cat([t for _, t in drawn])
+        else:
+            noise, timesteps = self.draw_noise(latents, None)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.settings.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -100,6 +104,15 @@ class SDLoRAModel(nn.Module):
             clipped = torch.clamp(snr, max=self.settings.min_snr_gamma)
             per_image = per_image * (clipped / (snr + 1) if self.settings.prediction_type == "v_prediction" else clipped / snr)
         return per_image.sum()
+
+    def draw_noise(self, latents: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise shaped as `latents` (plus noise_offset per channel) and a uniform timestep per image."""
+        noise = torch.randn_like(latents) if generator is None else torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if self.settings.noise_offset:
+            offset = torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=generator, device=latents.device)
+            noise = noise + self.settings.noise_offset * offset
+        steps = self.noise_scheduler.config.num_train_timesteps
+        return noise, torch.randint(0, steps, (latents.shape[0],), generator=generator, device=latents.device)
 
 
 def tokenize(tokenizers: list, captions: list[str]) -> list[torch.Tensor]:
@@ -119,27 +132,48 @@ def lora_targets(model: nn.Module, wanted: list[str] | None) -> list[str]:
 
 
 def add_sd_lora(model: SDLoRAModel, cfg: TrainConfig) -> tuple[int, int]:
-    """Freeze the base weights and add a fresh float32 LoRA to the UNet and, with
+    """Freeze the base weights and add a fresh float32 adapter to the UNet and, with
     `train_text_encoder`, to each text encoder. Returns (UNet modules, text-encoder modules)."""
     model.requires_grad_(False)
-    counts = []
-    trained = [model.unet, *(model.text_encoders if cfg.train_text_encoder else [])]
-    for part in trained:
-        targets = lora_targets(part, cfg.target_modules)
-        if not targets:
-            raise UserError(f"target_modules {cfg.target_modules} matches none of kohya's LoRA modules in the {type(part).__name__}; use names like to_q, to_k, to_v, to_out.0, proj_in, ff.net.2, q_proj, fc1")
-        part.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets))
-        counts.append(len(targets))
+    counts = attach_adapters(model.unet, list(model.text_encoders) if cfg.train_text_encoder else [], cfg)
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    return counts
+
+
+def attach_adapters(unet: nn.Module, text_encoders: list[nn.Module], cfg: TrainConfig) -> tuple[int, int]:
+    """Add the configured adapter (`network_type`, ranks, LoCon conv set) to the UNet and the given
+    text encoders, fresh; returns (UNet modules, text-encoder modules)."""
+    counts = []
+    for part in (unet, *text_encoders):
+        targets = lora_targets(part, cfg.target_modules)
+        if not targets:
+            raise UserError(f"target_modules {cfg.target_modules} matches none of kohya's LoRA modules in the {type(part).__name__}; use names like to_q, to_k, to_v, to_out.0, proj_in, ff.net.2, q_proj, fc1")
+        convs = sd_conv_target_modules(part) if cfg.conv_dim and part is unet else {}
+        part.add_adapter(adapter_config(cfg, targets + list(convs), [path for path, is_3x3 in convs.items() if is_3x3]))
+        counts.append(len(targets) + len(convs))
     return counts[0], sum(counts[1:])
 
 
+def adapter_config(cfg: TrainConfig, targets: list[str], convs_3x3: list[str]) -> PeftConfig:
+    """The PEFT config of `network_type` on `targets`: lora_rank / lora_alpha, and conv_dim /
+    conv_alpha on the 3x3 convs (as PEFT rank and alpha patterns on their exact paths)."""
+    exact = [re.escape(path) for path in convs_3x3]
+    common: dict[str, Any] = dict(r=cfg.lora_rank, target_modules=targets, rank_pattern=dict.fromkeys(exact, cfg.conv_dim),
+                                  alpha_pattern=dict.fromkeys(exact, cfg.conv_alpha or cfg.conv_dim))
+    if cfg.network_type == "loha":
+        return LoHaConfig(alpha=cfg.lora_alpha, **common)
+    if cfg.network_type == "lokr":
+        return LoKrConfig(alpha=cfg.lora_alpha, **common)
+    return LoraConfig(lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, **common)
+
+
 def param_groups(model: SDLoRAModel, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Optimizer groups: UNet LoRA at learning_rate, text-encoder LoRA at text_encoder_lr."""
-    groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
-    text = [p for p in model.text_encoders.parameters() if p.requires_grad]
-    if text:
-        groups.append({"params": text, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    """Optimizer groups: UNet adapter at learning_rate, text-encoder adapter at text_encoder_lr;
+    with loraplus_lr_ratio, each part's B (up) matrices at ratio x its rate."""
+    groups = lora_param_groups(model.unet.named_parameters(), cfg.learning_rate, cfg.loraplus_lr_ratio)
+    if cfg.train_text_encoder:
+        text_lr = cfg.text_encoder_lr or cfg.learning_rate
+        groups += lora_param_groups(model.text_encoders.named_parameters(), text_lr, cfg.loraplus_lr_ratio)
     return groups

@@ -1,0 +1,1 @@
+"""Benchmarks: lora-scripts against named baselines measured in the same run (see BENCHMARKS.md)."""
