@@ -230,7 +230,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     numel = lora_numel(base_model)
     seconds = allreduce_seconds(numel)
     two = next((r for r in results if r["name"].startswith("2 processes") and "error" not in r), None)
-    share = f", {100 * seconds / two['s_per_step']:.1f}% of the 2-process step" if two else ""
+    share = f", {100 * seconds / two['s_per_step']:.2f}% of the 2-process step" if two else ""
     lines = [
         "## One process against two (`bench/bench_processes.py`)", "",
         f"Command: `.venv/bin/python bench/bench_processes.py{' --quick' if args.quick else ''}{' --gpu' if args.gpu else ''}`. {machine_line(info)}",
