@@ -27,7 +27,8 @@ from lora_scripts.atomic import write_atomically
 from lora_scripts.checkpoint import rng_state, set_rng_state
 from lora_scripts.config import CONVERTED_INITS, TrainConfig
 from lora_scripts.errors import UserError, read_json
-from lora_scripts.models.llm import load_llm
+from lora_scripts.models.gguf_cache import cached_copy
+from lora_scripts.models.llm import load_llm, load_tokenizer
 from lora_scripts.models.precision import compute_dtype
 
 BLOCK_CONTAINERS = (".layers.", ".h.", ".blocks.")
@@ -191,8 +192,9 @@ def load_base(cfg: TrainConfig, device: str) -> tuple[nn.Module, object]:
 
 def load_base_4bit(base_model: str, device: str) -> tuple[nn.Module, object]:
     """QLoRA's base (Dettmers et al. 2023): NF4 weights, double quantization, bf16 compute, as
-    transformers' BitsAndBytesConfig loads them. A GGUF base is first dequantized by transformers
-    (it cannot quantize on load from GGUF) and saved to a temporary folder, then quantized.
+    transformers' BitsAndBytesConfig loads them. transformers cannot quantize while reading a
+    GGUF file, so a GGUF base is quantized from its dequantized copy (gguf_cache.py) or, when
+    none is cached, from a bf16 copy saved to a temporary folder.
 
     Raises UserError when bitsandbytes is missing, or on a CPU when a layer's width is not a
     multiple of 64 (bitsandbytes' CPU kernels work in blocks of 64).
@@ -210,16 +212,19 @@ def load_base_4bit(base_model: str, device: str) -> tuple[nn.Module, object]:
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16)
     options = {"quantization_config": quantization, "dtype": torch.bfloat16, "device_map": {"": device}, "local_files_only": True}
-    model, tokenizer = load_llm(base_model, torch.bfloat16)
-    if Path(base_model).is_file():  # GGUF: dequantized by now; quantize from a plain copy
-        model.hf_quantizer = None  # transformers' GGUF quantizer refuses save_pretrained; nothing is left to it
-        with tempfile.TemporaryDirectory(prefix="lora-scripts-qlora-") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            del model
-            model = AutoModelForCausalLM.from_pretrained(tmp, **options)
-    else:
-        del model
-        model = AutoModelForCausalLM.from_pretrained(base_model, **options)
+    path = Path(base_model)
+    tokenizer = load_tokenizer(base_model)
+    with tempfile.TemporaryDirectory(prefix="lora-scripts-qlora-") as tmp:
+        source = path if path.is_dir() else cached_copy(path)
+        if source is None:  # an uncached GGUF: dequantize, then save without transformers' GGUF quantizer
+            dequantized, _ = load_llm(base_model, torch.bfloat16)
+            dequantized.hf_quantizer = None
+            dequantized.config.__dict__.pop("quantization_config", None)
+            dequantized.save_pretrained(tmp, safe_serialization=True)
+            del dequantized
+            source = Path(tmp)
+        model = AutoModelForCausalLM.from_pretrained(str(source), **options)
+    model.name_or_path = base_model  # what the adapter records as its base (not a temporary folder)
     if device == "cpu":
         narrow = sorted({m.in_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.in_features % CPU_NF4_BLOCK})
         if narrow:
