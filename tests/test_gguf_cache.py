@@ -17,7 +17,7 @@ from tests.tiny_llm import SMOLLM2_GGUF
 def test_second_load_comes_from_the_cache_and_equals_the_first(tmp_path, capsys):
     gguf_file = tmp_path / SMOLLM2_GGUF.name
     shutil.copy(SMOLLM2_GGUF, gguf_file)
-    flip_last_byte(gguf_file)  # content of our own (the cache is keyed by content): its cache starts empty
+    flip_byte(gguf_file, -1)  # content of our own (the cache is keyed by content): its cache starts empty
     assert cached_copy(gguf_file) is None
     first, tokenizer = load_llm(str(gguf_file))
     assert "dequantized weights cached in" in capsys.readouterr().out
@@ -33,14 +33,14 @@ def test_second_load_comes_from_the_cache_and_equals_the_first(tmp_path, capsys)
     with torch.no_grad():
         assert torch.equal(first(ids).logits, second(ids).logits)
 
-    flip_last_byte(gguf_file)  # a changed file gets a cache of its own
+    flip_byte(gguf_file, -2)  # a changed file gets a cache of its own (flipping -1 again would restore it)
     assert dequantized_folder(gguf_file) != folder and cached_copy(gguf_file) is None
 
 
-def flip_last_byte(path) -> None:
-    """Change one byte of tensor data (the end of the last tensor): the file still loads."""
+def flip_byte(path, offset_from_end: int) -> None:
+    """Change one byte of tensor data (near the end of the last tensor): the file still loads."""
     with path.open("r+b") as fh:
-        fh.seek(-1, 2)
-        last = fh.read(1)[0]
-        fh.seek(-1, 2)
-        fh.write(bytes([last ^ 1]))
+        fh.seek(offset_from_end, 2)
+        value = fh.read(1)[0]
+        fh.seek(offset_from_end, 2)
+        fh.write(bytes([value ^ 1]))
