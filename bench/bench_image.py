@@ -119,7 +119,7 @@ def parity_line(check: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny SD at 64 px, 4 images, rows in one process, no report unless --report")
-    parser.add_argument("--images", type=int, help="pictures per source size (default 12; --quick 4)")
+    parser.add_argument("--images", type=int, help="pictures per source size (default 32; --quick 4)")
     parser.add_argument("--resolution", type=int, help="training resolution (default 256; --quick 64)")
     parser.add_argument("--width-divisor", type=int, default=8, help="SD1.5's channel widths divided by this (default 8)")
     parser.add_argument("--batch", type=int, default=4)
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--report", type=Path, help=f"Markdown file whose image section is refreshed (default {BENCHMARKS_FILE.name}; --quick: none)")
     parser.add_argument("--workdir", type=Path, help="keep model, pictures and outputs here (default: a temporary folder, removed)")
     args = parser.parse_args()
-    args.images = args.images or (4 if args.quick else 12)
+    args.images = args.images or (4 if args.quick else 32)
     args.resolution = args.resolution or (64 if args.quick else 256)
     report = args.report or (None if args.quick else BENCHMARKS_FILE)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_image_"))

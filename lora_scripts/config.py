@@ -227,6 +227,11 @@ class TrainConfig(BaseModel):
         "compute on padding, same loss and gradients (attention stays within each sample). Checked on the "
         "model at start-up; a model that cannot keep packed samples apart trains padded.",
     )
+    per_sample_attention: bool = Field(
+        True,
+        description="With packing, compute each sample's attention on its own (the sum of the samples' "
+        "squared lengths) instead of masking one row-wide attention (the row's length squared); same results.",
+    )
     target_logits_only: bool = Field(
         True,
         description="Compute the LM head's logits only where the next token is trained (skips it on prompt "

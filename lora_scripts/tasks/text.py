@@ -12,6 +12,7 @@ from lora_scripts.data.text_files import read_rows
 from lora_scripts.data.text_samples import build_samples, detect_format, split_validation, validate_rows
 from lora_scripts.errors import UserError
 from lora_scripts.models.llm import check_llm_path
+from lora_scripts.models.packed_attention import use_per_sample_attention
 from lora_scripts.tasks.base import Progress, Task, TaskRun
 from lora_scripts.tasks.lora_plus import lora_param_groups
 from lora_scripts.tasks.text_batches import (
@@ -41,9 +42,9 @@ def preflight(cfg: TrainConfig) -> None:
         validate_rows(rows, detect_format(rows, cfg.data_format, cfg.prompt_template), cfg.prompt_template)
 
 
-def _batch_layout(cfg: TrainConfig, packing: bool) -> str:
+def _batch_layout(cfg: TrainConfig, packing: bool, per_sample: bool) -> str:
     if packing:
-        return "packed into one row per micro-batch"
+        return "packed into one row per micro-batch" + (", attention computed per sample" if per_sample else "")
     return "padded rows" + (" (this model's attention cannot keep packed samples apart)" if cfg.packing else "")
 
 
@@ -67,7 +68,8 @@ def build_text_task(cfg: TrainConfig, device: str) -> TaskRun:
         train_samples = samples
     else:
         train_samples, eval_samples = split_validation(samples, cfg.validation_split, cfg.seed)
-    packing = cfg.packing and packing_works(model, train_samples, tokenizer.pad_token_id)
+    per_sample = cfg.packing and cfg.per_sample_attention and use_per_sample_attention(model)
+    packing = cfg.packing and packing_works(model, train_samples, tokenizer.pad_token_id, per_sample)
     targets_only = cfg.target_logits_only and supports_logits_to_keep(model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -83,7 +85,7 @@ def build_text_task(cfg: TrainConfig, device: str) -> TaskRun:
     summary = (
         f"{data_check}\n"
         f"data: {stats.summary(cfg.max_seq_length)}; layout `{builder.data_format}`; "
-        f"{len(train_samples)} train / {len(eval_samples)} validation samples, {_batch_layout(cfg, packing)}. "
+        f"{len(train_samples)} train / {len(eval_samples)} validation samples, {_batch_layout(cfg, packing, per_sample)}. "
         f"{method_summary(cfg)} on {sorted(peft_model.peft_config['default'].target_modules)}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
@@ -91,7 +93,7 @@ def build_text_task(cfg: TrainConfig, device: str) -> TaskRun:
         model=peft_model,
         train_set=train_samples,
         eval_set=eval_samples,
-        collate=make_text_collate(tokenizer.pad_token_id, packing),
+        collate=make_text_collate(tokenizer.pad_token_id, packing, per_sample),
         loss=functools.partial(causal_lm_loss, targets_only=targets_only),
         count_units=count_target_tokens,
         count_processed=count_input_tokens,

@@ -4,7 +4,8 @@ Packing (the default) lays the samples of a micro-batch end to end in one row, s
 spent on padding. Position ids restart at 0 for every sample and no attention mask is passed:
 transformers then builds a block-diagonal causal mask from the position ids (masking_utils
 `find_packed_sequence_indices`, as its `DataCollatorWithFlattening` relies on), so no token
-attends across samples. The first token of each sample gets no target, exactly as in a padded
+attends across samples. With `bounds`, the row also carries the samples' boundaries, which
+`models/packed_attention.py` uses to compute each sample's attention on its own (no L² mask). The first token of each sample gets no target, exactly as in a padded
 row, so packed and padded batches give the same loss and gradients.
 
 The loss asks the model for logits only where the next token is a target (`logits_to_keep`),
@@ -21,32 +22,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_scripts.data.text_samples import IGNORE_INDEX, TextSample, make_collate
+from lora_scripts.models.packed_attention import BOUNDS_KEY
 from lora_scripts.tasks.base import Batch
 
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
-def make_packed_collate() -> Callable[[list[TextSample]], Batch]:
-    """One row holding every sample of the micro-batch, with per-sample position ids."""
+def make_packed_collate(bounds: bool = False) -> Callable[[list[TextSample]], Batch]:
+    """One row holding every sample of the micro-batch, with per-sample position ids (and, with
+    `bounds`, the samples' cumulative end offsets for per-sample attention)."""
 
     def collate(samples: list[TextSample]) -> Batch:
-        input_ids, labels, positions = [], [], []
+        input_ids, labels, positions, ends = [], [], [], [0]
         for sample in samples:
             input_ids += sample.input_ids
             labels += [IGNORE_INDEX, *sample.labels[1:]]  # nothing predicts a sample's first token
             positions += range(len(sample.input_ids))
-        return {
+            ends.append(len(input_ids))
+        batch = {
             "input_ids": torch.tensor([input_ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]),
         }
+        if bounds:
+            batch[BOUNDS_KEY] = torch.tensor(ends, dtype=torch.int32)
+        return batch
 
     return collate
 
 
-def make_text_collate(pad_token_id: int, packing: bool) -> Callable[[list[TextSample]], Batch]:
-    """Packed rows, or right-padded rows with an attention mask."""
-    return make_packed_collate() if packing else make_collate(pad_token_id)
+def make_text_collate(pad_token_id: int, packing: bool, bounds: bool = False) -> Callable[[list[TextSample]], Batch]:
+    """Packed rows (with sample boundaries if `bounds`), or right-padded rows with an attention mask."""
+    return make_packed_collate(bounds) if packing else make_collate(pad_token_id)
+
+
+def model_inputs(batch: Batch) -> Batch:
+    """The entries of a batch the model's forward takes (everything but the labels)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def supports_logits_to_keep(model: nn.Module) -> bool:
@@ -61,7 +73,7 @@ def causal_lm_loss(model: nn.Module, batch: Batch, targets_only: bool = True) ->
     some row of the batch.
     """
     targets = batch["labels"][:, 1:]
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = model_inputs(batch)
     if targets_only:
         keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
         logits = model(**inputs, logits_to_keep=keep).logits
@@ -85,7 +97,7 @@ def count_input_tokens(batch: Batch) -> int:
 
 
 @torch.no_grad()
-def packing_works(model: nn.Module, samples: list[TextSample], pad_token_id: int) -> bool:
+def packing_works(model: nn.Module, samples: list[TextSample], pad_token_id: int, bounds: bool = False) -> bool:
     """Whether this model keeps packed samples apart: the packed and the padded batch of (up
     to) two samples give the same logits at every real token. Models whose attention ignores
     per-sample position ids would let samples see each other, so they train padded."""
@@ -97,9 +109,9 @@ def packing_works(model: nn.Module, samples: list[TextSample], pad_token_id: int
     try:
         padded = make_collate(pad_token_id)(probe)
         padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False).logits
-        packed = make_packed_collate()(probe)
+        packed = make_packed_collate(bounds)(probe)
         # no cache: transformers looks for packed samples only when there is none (training)
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        packed_logits = model(**model_inputs(packed), use_cache=False).logits[0]
     finally:
         model.train(was_training)
     real = padded_logits[padded["attention_mask"].bool()]
