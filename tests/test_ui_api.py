@@ -76,7 +76,7 @@ def test_yaml_export_and_import_round_trip_with_the_cli(client: TestClient, tmp_
     preset = client.get("/api/presets").json()
     name = next(p["name"] for p in preset if p["name"].endswith("smollm2_json.yaml"))
     values = client.get("/api/presets/values", params={"name": name}).json()["values"]
-    assert values["learning_rate"] == "1e-3" and values["base_model"].startswith("pkg:")
+    assert values["learning_rate"] == "2e-3" and values["base_model"].startswith("pkg:")
     values |= {"prompt_template": "问：{question}\n答：{answer}", "target_modules": "[q_proj, v_proj]", "warmup_steps": "",
                "weight_decay": "1.0e-05", "max_grad_norm": "null", "train_on_inputs": "true", "output_name": "yes"}
     exported = client.post("/api/config/export", json={"values": values}).json()["yaml"]
@@ -95,7 +95,7 @@ def test_yaml_export_and_import_round_trip_with_the_cli(client: TestClient, tmp_
 def test_shown_command_is_the_preset_plus_overrides(client: TestClient) -> None:
     name = next(p["name"] for p in client.get("/api/presets").json() if p["name"].endswith("smollm2_json.yaml"))
     values = client.get("/api/presets/values", params={"name": name}).json()["values"]
-    values |= {"lora_rank": "32", "prompt_template": "Q: {q}\nA: {a}", "learning_rate": "0.0005", "warmup_steps": ""}
+    values |= {"lora_rank": "8", "prompt_template": "Q: {q}\nA: {a}", "learning_rate": "0.0005", "warmup_steps": ""}
     result = client.post("/api/config/command", json={"values": values, "preset": name}).json()
     argv = result["argv"]
     assert argv[:4] == ["lora-scripts", "train", "--config", name]

@@ -9,7 +9,7 @@ Deterministic for a given seed (stdlib only). Three splits, each a JSONL file of
 Answers copy names, items, places, symptoms, medicines, products and issues verbatim from the
 text; numbers, dates and priority are normalised (integers, YYYY-MM-DD, low/medium/high).
 
-    python tools/make_json_dataset.py --out data/json_extract --train 480 --heldout 60 --novel 60 --seed 0
+    python tools/make_json_dataset.py --out data/json_extract --train 720 --heldout 60 --novel 60 --seed 0
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     """Parse the command line and write train.jsonl, heldout.jsonl and novel.jsonl under --out."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--train", type=int, default=480, help="number of training samples")
+    parser.add_argument("--train", type=int, default=720, help="number of training samples")
     parser.add_argument("--heldout", type=int, default=60, help="number of familiar held-out samples")
     parser.add_argument("--novel", type=int, default=60, help="number of novel held-out samples")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
