@@ -12,10 +12,8 @@ small (768x512). A separate check runs step 1 of both on identical inputs and co
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BENCHMARKS_FILE, machine_info, machine_line, markdown_table, ratio, run_groups, write_section  # noqa: E402
+from bench.common import BENCHMARKS_FILE, run_in_workdir, machine_info, machine_line, markdown_table, ratio, run_groups, write_section  # noqa: E402
 from bench.image_rows import make_sd1_model, write_photos  # noqa: E402
 
 SOURCES = {"phone-sized 4032x3024": (4032, 3024), "small 768x512": (768, 512)}
@@ -129,14 +127,7 @@ def main() -> int:
     args = parser.parse_args()
     args.images = args.images or (4 if args.quick else 32)
     args.resolution = args.resolution or (64 if args.quick else 256)
-    report = args.report or (None if args.quick else BENCHMARKS_FILE)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_image_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        return run(args, workdir, report)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return run_in_workdir(args, "bench_image_", run)
 
 
 def run(args: argparse.Namespace, workdir: Path, report: Path | None) -> int:

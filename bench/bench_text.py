@@ -12,10 +12,8 @@ lora-scripts speed-up switch found in the config schema gets a row with it switc
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BENCHMARKS_FILE, machine_info, machine_line, markdown_table, matmul_peak, ratio, run_groups, run_rows, write_section  # noqa: E402
+from bench.common import BENCHMARKS_FILE, run_in_workdir, machine_info, machine_line, markdown_table, matmul_peak, ratio, run_groups, run_rows, write_section  # noqa: E402
 from bench.text_data import demo_rows, length_summary, long_tail_rows, save_samples, tokenize_file, write_jsonl  # noqa: E402
 from bench.text_rows import matmul_params  # noqa: E402
 from lora_scripts.config import TrainConfig  # noqa: E402
@@ -157,14 +155,7 @@ def main() -> int:
     parser.add_argument("--report", type=Path, help=f"Markdown file whose text section is refreshed (default {BENCHMARKS_FILE.name}; --quick: none)")
     parser.add_argument("--workdir", type=Path, help="keep data, models and outputs here (default: a temporary folder, removed)")
     args = parser.parse_args()
-    report = args.report or (None if args.quick else BENCHMARKS_FILE)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_text_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        return run(args, workdir, report)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return run_in_workdir(args, "bench_text_", run)
 
 
 def run(args: argparse.Namespace, workdir: Path, report: Path | None) -> int:

@@ -15,12 +15,14 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
@@ -215,6 +217,19 @@ def ratio(value: float | None, base: float | None) -> str:
     if value is None or base is None or base == 0:
         return "–"
     return f"{value / base:.2f}×"
+
+
+def run_in_workdir(args: Any, prefix: str, run: Callable[[Any, Path, Path | None], int]) -> int:
+    """`run(args, workdir, report)` in `args.workdir`, or in a temporary folder removed afterwards;
+    the report is `args.report`, else BENCHMARKS.md (none with `--quick`)."""
+    report = args.report or (None if args.quick else BENCHMARKS_FILE)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(args, workdir, report)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def write_section(path: Path, name: str, body: str) -> None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from bench.bench_image import QUICK_SOURCES, SOURCES, ImageBench, parity_line, s
 from bench.bench_image import results_table as image_table  # noqa: E402
 from bench.bench_text import SMOLLM2, TextBench, prepare_data, row_specs, speedup_switches  # noqa: E402
 from bench.bench_text import results_table as text_table  # noqa: E402
-from bench.common import BENCHMARKS_FILE, REPO, machine_info, machine_line, matmul_peak, run_groups, write_section  # noqa: E402
+from bench.common import BENCHMARKS_FILE, run_in_workdir, REPO, machine_info, machine_line, matmul_peak, run_groups, write_section  # noqa: E402
 from bench.image_rows import make_sd1_model, unet_step_flops  # noqa: E402
 from bench.text_rows import matmul_params  # noqa: E402
 
@@ -104,14 +102,7 @@ def main() -> int:
         print("error: gpu_bench.py needs a CUDA GPU and torch sees none; on this machine run "
               "`bench/gpu_bench.py --quick --cpu` to check the script, or bench/bench_text.py and bench/bench_image.py", file=sys.stderr)
         return 2
-    report = args.report or (None if args.quick else BENCHMARKS_FILE)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu_bench_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        return run(args, workdir, report)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return run_in_workdir(args, "gpu_bench_", run)
 
 
 def run(args: argparse.Namespace, workdir: Path, report: Path | None) -> int:

@@ -65,6 +65,14 @@ class ForkServer:
         """Run one `lora-scripts ARGV`."""
         return self.run_many([list(argv)], env)[0]
 
+    def train_ok(self, config, *overrides: str, fault: str = "") -> Finished:
+        """`lora-scripts train --config CONFIG --set …` that must succeed, or with `fault` (a
+        `LORA_SCRIPTS_FAULT` spec that kills the run) must die of SIGKILL."""
+        args = [arg for item in overrides for arg in ("--set", item)]
+        proc = self.run("train", "--config", str(config), *args, env={"LORA_SCRIPTS_FAULT": fault})
+        assert proc.returncode == (-9 if fault else 0), proc.stderr[-3000:]
+        return proc
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)

@@ -56,13 +56,6 @@ def server(tmp_path_factory):
     fork.close()
 
 
-def train_ok(server: ForkServer, config, *overrides: str, fault: str = ""):
-    args = [arg for item in overrides for arg in ("--set", item)]
-    proc = server.run("train", "--config", str(config), *args, env={"LORA_SCRIPTS_FAULT": fault})
-    assert proc.returncode == (-9 if fault else 0), proc.stderr[-3000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny, server):
     """Per method: an uninterrupted run, and one SIGKILLed after step 3 then resumed."""
@@ -74,9 +67,9 @@ def runs(tmp_path_factory, tiny, server):
             write_dataset(folder / "data", [(32, 32)] * 4)
             extra = dict(sample_prompts=["ink wash painting, cat --w 32 --h 32"], sample_steps=2) if (name, kind) == ("loha", "straight") else {}
             configs[name, kind] = image_config(folder, tiny.diffusers_dir, **COMMON, **keys, **extra)
-        train_ok(server, configs[name, "straight"])
-        train_ok(server, configs[name, "crashed"], fault="kill_after_step:3")
-        train_ok(server, configs[name, "crashed"], "resume=true")
+        server.train_ok(configs[name, "straight"])
+        server.train_ok(configs[name, "crashed"], fault="kill_after_step:3")
+        server.train_ok(configs[name, "crashed"], "resume=true")
     yield configs
     print("\nA1111-merged file vs trained model, largest output difference:",
           ", ".join(f"{k}: {v:.2g}" for k, v in DIFFERENCES.items()))
@@ -216,7 +209,7 @@ def test_incremental_training_generate_and_check_data(runs, tiny, server, tmp_pa
         write_dataset(folder / "data", [(32, 32)] * 2)
         config = image_config(folder, tiny.diffusers_dir, **{**METHODS[method], **COMMON, "max_steps": 1, "learning_rate": 1e-12},
                               init_lora_weights=str(source))
-        train_ok(server, config)
+        server.train_ok(config)
         before, after = load_file(source), load_file(folder / "out" / "style.safetensors")
         assert before.keys() == after.keys() and max(float((before[k] - after[k]).abs().max()) for k in before) < 1e-6
     wrong = image_config(tmp_path / "locon", tiny.diffusers_dir, "wrong.yaml", output_dir=str(tmp_path / "wrong"), network_type="loha",

@@ -41,13 +41,6 @@ IDS = torch.tensor([[1, 200, 300, 400, 500, 600]])
 RESULTS: dict[str, float] = {}  # largest PEFT-vs-trained logit difference per method, printed at the end
 
 
-def train_ok(server: ForkServer, config, *overrides: str, fault: str = ""):
-    args = [arg for item in overrides for arg in ("--set", item)]
-    proc = server.run("train", "--config", str(config), *args, env={"LORA_SCRIPTS_FAULT": fault})
-    assert proc.returncode == (-9 if fault else 0), proc.stderr[-3000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     fork = ForkServer(["lora_scripts.tasks.text"], tmp_path_factory.mktemp("fork"))
@@ -65,11 +58,11 @@ def runs(tmp_path_factory, tiny_llm_dir, server):
             folder = root / name / kind
             folder.mkdir(parents=True)
             configs[name, kind] = text_config(folder, tiny_llm_dir, **COMMON, **keys)
-        proc = train_ok(server, configs[name, "straight"])
+        proc = server.train_ok(configs[name, "straight"])
         assert "LoRA r=4" in proc.stdout
         if name in RESUMED:
-            train_ok(server, configs[name, "crashed"], fault="kill_after_step:3")
-            train_ok(server, configs[name, "crashed"], "resume=true")
+            server.train_ok(configs[name, "crashed"], fault="kill_after_step:3")
+            server.train_ok(configs[name, "crashed"], "resume=true")
     yield configs
     if RESULTS:
         print("\nPEFT on the untouched base vs the trained model, largest logit difference:",
@@ -154,7 +147,7 @@ def test_incremental_training_continues_a_method_adapter(runs, tiny_llm_dir, ser
         folder = tmp_path / name
         folder.mkdir()
         config = text_config(folder, tiny_llm_dir, init_lora_weights=str(source), max_steps=1, learning_rate=1e-12, **keys)
-        train_ok(server, config)
+        server.train_ok(config)
         before, after = load_file(source / "adapter_model.safetensors"), load_file(folder / "out" / "adapter_model.safetensors")
         assert before.keys() == after.keys()
         assert max(float((before[key] - after[key]).abs().max()) for key in before) < 1e-6
