@@ -31,10 +31,10 @@ COPIED = {"customer": "names", "patient": "names", "item": "items", "city": "cit
 ZH_PUNCTUATION = re.compile("[，。：；｜（）“”—]")
 
 
-def generate(out: Path, train: int, heldout: int, novel: int, seed: int) -> Path:
+def generate(out: Path, train: int, heldout: int, novel: int, seed: int, compose: float = 0.0) -> Path:
     """Run the generator as a user would and return its output folder."""
     subprocess.run([sys.executable, str(GENERATOR), "--out", str(out), "--train", str(train), "--heldout", str(heldout),
-                    "--novel", str(novel), "--seed", str(seed)], check=True, capture_output=True)
+                    "--novel", str(novel), "--seed", str(seed), "--compose", str(compose)], check=True, capture_output=True)
     return out
 
 
@@ -171,6 +171,17 @@ def _template_pattern(pools, kind: str) -> re.Pattern:
     return re.compile(rf"(?:(?:{fillers}) ?)?(?:{templates})(?: ?(?:{fillers}))?", re.DOTALL)
 
 
+def _composed_pattern(pools, kind: str, separators: dict[str, list[str]]) -> re.Pattern:
+    """A training record strung together from this kind's phrases (`templates.CLAUSES`), with the
+    urgency cue and fillers around it."""
+    slot = lambda text: "(?:" + "(.+?)".join(re.escape(part) for part in re.split(r"\{\w+\}", text)) + ")"  # noqa: E731
+    phrase = "|".join(slot(c) for lang in ("en", "zh") for choices in pools.clauses[kind][lang].values() for c in choices)
+    separator = "|".join(re.escape(s) for s in {s for choices in separators.values() for s in choices})
+    count = len(pools.clauses[kind]["en"])
+    body = rf"(?:{phrase})(?:(?:{separator})(?:{phrase})){{{count - 1}}}[.。]"
+    return re.compile(rf"(?:.+? ?)?{body}(?: ?.+?)?", re.DOTALL)
+
+
 def test_novel_split_shares_no_vocabulary_or_template_with_training(generated: dict[str, list[dict]], package: ModuleType) -> None:
     pools = {split: package.records.build_pools(split) for split in ("train", "novel")}
     vocabulary = {split: _vocabulary(p) for split, p in pools.items()}
@@ -189,6 +200,39 @@ def test_novel_split_shares_no_vocabulary_or_template_with_training(generated: d
                         assert fields[field] not in train_texts, (field, fields[field])
             assert patterns[own, fields["type"]].fullmatch(text), (split, text)
             assert not patterns[other, fields["type"]].fullmatch(text), (split, text)
+
+
+def _wording(template: str) -> set[str]:
+    """The words around a template's slots, cut at punctuation: what tells a reader which value is which."""
+    pieces = (re.split(r"[，。：；｜（）“”—,.;:()|\"?!]|\s-\s", part) for part in re.split(r"\{\w+\}", template))
+    return {piece.strip() for split_part in pieces for piece in split_part if piece.strip()}
+
+
+def test_composed_training_records_use_no_novel_wording(tmp_path: Path, package: ModuleType) -> None:
+    """`--compose 0.5`: about half the training records strung together from training-only
+    phrases, none worded like a novel template; the held-out splits stay template records."""
+    folder = generate(tmp_path / "composed", train=240, heldout=12, novel=12, seed=0, compose=0.5)
+    splits = {split: read_split(folder, split) for split in SPLITS}
+    records, templates, vocab = package.records, package.templates, package.vocab
+    assert records.build_pools("novel").clauses == {}  # the novel split is never composed
+    for kind, languages in templates.CLAUSES.items():
+        for lang, fields in languages.items():
+            novel = set().union(*(_wording(t) for t in vocab.split_pool(templates.TEMPLATES[kind][lang])["novel"]))
+            for phrases in fields.values():
+                for phrase in phrases:
+                    assert not _wording(phrase) & novel, (kind, lang, phrase)
+    pools = {split: records.build_pools(split) for split in ("train", "novel")}
+    template_made = 0
+    for sample in splits["train"]:
+        kind, text = answer(sample)["type"], record_text(sample)
+        from_template = bool(_template_pattern(pools["train"], kind).fullmatch(text))
+        template_made += from_template
+        assert from_template or _composed_pattern(pools["train"], kind, templates.CLAUSE_SEPARATORS).fullmatch(text), text
+        assert not _template_pattern(pools["novel"], kind).fullmatch(text), text
+    assert 0.35 < 1 - template_made / len(splits["train"]) < 0.65
+    for split, own in (("heldout", "train"), ("novel", "novel")):
+        assert all(_template_pattern(pools[own], answer(s)["type"]).fullmatch(record_text(s)) for s in splits[split])
+    assert splits["novel"] == read_split(generate(tmp_path / "plain", train=24, heldout=12, novel=12, seed=0), "novel")
 
 
 def test_all_records_are_distinct(generated: dict[str, list[dict]]) -> None:

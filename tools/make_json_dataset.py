@@ -37,16 +37,21 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=60, help="number of familiar held-out samples")
     parser.add_argument("--novel", type=int, default=60, help="number of novel held-out samples")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--compose", type=float, default=0.0, metavar="SHARE",
+                        help="share of training records strung together from single-field phrases instead of a "
+                             "template (0-1; the held-out splits never are; tried in docs/demo_tuning.md, not the default)")
     args = parser.parse_args()
     if min(args.train, args.heldout, args.novel) < 1:
         parser.error("--train, --heldout and --novel must be at least 1")
+    if not 0 <= args.compose <= 1:
+        parser.error("--compose must be between 0 and 1")
     # One random stream per split, held-out splits first: they stay the same whatever --train is,
     # so runs trained on more or less data are scored on the same records.
     seen: set[str] = set()
     familiar, novel = build_pools("train"), build_pools("novel")
     splits = {"heldout": make_split(random.Random(f"{args.seed}:heldout"), familiar, args.heldout, seen),
               "novel": make_split(random.Random(f"{args.seed}:novel"), novel, args.novel, seen)}
-    splits["train"] = make_split(random.Random(f"{args.seed}:train"), familiar, args.train, seen)
+    splits["train"] = make_split(random.Random(f"{args.seed}:train"), familiar, args.train, seen, args.compose)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, samples in splits.items():
         write_jsonl(args.out / f"{name}.jsonl", samples)

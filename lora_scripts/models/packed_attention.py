@@ -20,6 +20,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "lora_scripts_per_sample_sdpa"
 BOUNDS_KEY = "cu_seq_lens_q"  # int tensor [0, end of sample 1, end of sample 2, …, row length]
+_last_bounds: list = [None, []]  # (tensor, its values): every layer of a forward gets the same tensor
+
+
+def _edges(bounds: torch.Tensor) -> list[int]:
+    """The boundaries as Python ints, read from the device once per forward rather than per layer."""
+    if _last_bounds[0] is not bounds:
+        _last_bounds[:] = [bounds, bounds.tolist()]
+    return _last_bounds[1]
 
 
 def per_sample_sdpa_forward(
@@ -38,7 +46,7 @@ def per_sample_sdpa_forward(
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    edges = bounds.tolist()
+    edges = _edges(bounds)
     outputs = [
         sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
                                dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]

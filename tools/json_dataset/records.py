@@ -40,6 +40,7 @@ class Pools:
     cues: dict[str, dict[str, list[str]]]
     templates: dict[str, dict[str, list[str]]]
     fillers: dict[str, dict[str, list[str]]]
+    clauses: dict[str, dict[str, dict[str, list[str]]]]  # training only: empty for the novel split
 
 
 def build_pools(split: str) -> Pools:
@@ -62,6 +63,7 @@ def build_pools(split: str) -> Pools:
         cues={lang: {level: half(cues) for level, cues in vocab.PRIORITY_CUES[lang].items()} for lang in LANGUAGES},
         templates={kind: per_lang(table) for kind, table in templates.TEMPLATES.items()},
         fillers={kind: per_lang(table) for kind, table in templates.FILLERS.items()},
+        clauses=templates.CLAUSES if split == "train" else {},
     )
 
 
@@ -147,11 +149,29 @@ RECORD_TYPES = (
 )
 
 
-def record_text(rng: random.Random, pools: Pools, record_type: RecordType, lang: str, slots: dict[str, str]) -> str:
-    """Fill a template of this pool, sometimes with an unrelated sentence before and/or after."""
+def composed_text(rng: random.Random, pools: Pools, record_type: RecordType, lang: str, slots: dict[str, str]) -> str:
+    """One phrase per field from `pools.clauses`, in a random order; a ticket's urgency sentence
+    goes before or after."""
+    phrases = [rng.choice(choices).format(**slots) for choices in pools.clauses[record_type.name][lang].values()]
+    rng.shuffle(phrases)
+    text = phrases[0] + "".join(rng.choice(templates.CLAUSE_SEPARATORS[lang]) + p for p in phrases[1:])
+    text += "。" if lang == "zh" else "."
+    if "cue" in slots:
+        space = "" if lang == "zh" else " "
+        text = f"{slots['cue']}{space}{text}" if rng.random() < 0.3 else f"{text}{space}{slots['cue']}"
+    return text
+
+
+def record_text(rng: random.Random, pools: Pools, record_type: RecordType, lang: str, slots: dict[str, str],
+                compose_rate: float = 0.0) -> str:
+    """Fill a template of this pool (or, `compose_rate` of the time, string phrases together),
+    sometimes with an unrelated sentence before and/or after."""
     numbers = {"n": str(rng.randint(1000, 99999)), "k": str(rng.randint(2, 30)), "p": str(rng.randint(55, 110)),
                "d": str(rng.randint(0, 9))}
-    sentences = [rng.choice(pools.templates[record_type.name][lang]).format(**slots, **numbers)]
+    if compose_rate and rng.random() < compose_rate:
+        sentences = [composed_text(rng, pools, record_type, lang, slots)]
+    else:
+        sentences = [rng.choice(pools.templates[record_type.name][lang]).format(**slots, **numbers)]
     fillers = rng.sample(pools.fillers[record_type.name][lang], 2)
     if rng.random() < FILLER_RATE:
         sentences.insert(0, fillers[0].format(**numbers))
@@ -160,17 +180,20 @@ def record_text(rng: random.Random, pools: Pools, record_type: RecordType, lang:
     return ("" if lang == "zh" else " ").join(sentences)
 
 
-def make_sample(rng: random.Random, pools: Pools, record_type: RecordType, lang: str) -> dict[str, list[dict[str, str]]]:
+def make_sample(rng: random.Random, pools: Pools, record_type: RecordType, lang: str,
+                compose_rate: float = 0.0) -> dict[str, list[dict[str, str]]]:
     """One chat sample: instruction + record text -> compact JSON answer with keys in fixed order."""
     answer, slots = record_type.sample(rng, pools, lang)
-    text = record_text(rng, pools, record_type, lang, slots)
+    text = record_text(rng, pools, record_type, lang, slots, compose_rate)
     target = json.dumps({"type": record_type.name, **answer}, ensure_ascii=False, separators=(",", ":"))
     return {"messages": [{"role": "user", "content": f"{record_type.instruction()}\n\n{text}"},
                          {"role": "assistant", "content": target}]}
 
 
-def make_split(rng: random.Random, pools: Pools, count: int, seen_user_texts: set[str], max_tries: int = 1000) -> list[dict]:
-    """`count` samples cycling through record types and languages; user texts never repeat.
+def make_split(rng: random.Random, pools: Pools, count: int, seen_user_texts: set[str], compose_rate: float = 0.0,
+               max_tries: int = 1000) -> list[dict]:
+    """`count` samples cycling through record types and languages; user texts never repeat;
+    `compose_rate` of them strung together from phrases (training only).
 
     Adds the new user texts to `seen_user_texts`, so a later split cannot reuse them.
     """
@@ -179,7 +202,7 @@ def make_split(rng: random.Random, pools: Pools, count: int, seen_user_texts: se
         record_type = RECORD_TYPES[index % len(RECORD_TYPES)]
         lang = LANGUAGES[(index // len(RECORD_TYPES)) % len(LANGUAGES)]
         for _ in range(max_tries):
-            sample = make_sample(rng, pools, record_type, lang)
+            sample = make_sample(rng, pools, record_type, lang, compose_rate)
             user_text = sample["messages"][0]["content"]
             if user_text not in seen_user_texts:
                 break

@@ -205,3 +205,72 @@ FILLERS: dict[str, dict[str, list[str]]] = {
                "恢复出厂设置也没用。", "请邮件回复。", "上次更新后开始出现。", "账号{n}。"],
     },
 }
+
+# Training only, with `make_json_dataset.py --compose SHARE`: short phrases, one field each, that
+# `records.composed_text` strings together in a random order ("buyer Lena Koch; bought 3 kettles;
+# bound for Oslo; dated 2025-03-01.") instead of filling a template. The novel split never uses
+# them, and no phrase's wording equals the words around a slot in a novel template (a test checks
+# this). Tried for the demo (docs/demo_tuning.md, run l); not its default.
+CLAUSES: dict[str, dict[str, dict[str, list[str]]]] = {
+    "order": {
+        "en": {
+            "customer": ["buyer {customer}", "ordered by {customer}", "client: {customer}", "account holder {customer}",
+                         "name on the order: {customer}", "requested by {customer}", "recipient {customer}", "{customer}"],
+            "qty_item": ["wants {qty_item}", "bought {qty_item}", "items: {qty_item}", "purchasing {qty_item}",
+                         "needs {qty_item}", "{qty_item} requested", "goods: {qty_item}", "{qty_item}"],
+            "city": ["shipping to {city}", "destination: {city}", "bound for {city}", "dispatch to {city}",
+                     "delivery city: {city}", "going to {city}", "send it to {city}", "address: {city}"],
+            "date": ["dated {date}", "order date {date}", "placed {date}", "date: {date}", "received {date}",
+                     "as of {date}", "booked {date}", "ordered {date}"],
+        },
+        "zh": {
+            "customer": ["买家{customer}", "顾客{customer}", "订购人{customer}", "联系人{customer}", "姓名{customer}",
+                         "下单客户{customer}", "会员{customer}", "{customer}"],
+            "qty_item": ["购买{qty_item}", "需要{qty_item}", "商品为{qty_item}", "订{qty_item}", "采购{qty_item}",
+                         "买了{qty_item}", "货物{qty_item}", "{qty_item}"],
+            "city": ["配送至{city}", "目的地{city}", "收货地{city}", "城市{city}", "发货到{city}", "运往{city}",
+                     "寄往{city}", "发往{city}"],
+            "date": ["{date}下单", "下单时间{date}", "时间{date}", "于{date}", "订单日{date}", "{date}提交",
+                     "{date}", "成交日{date}"],
+        },
+    },
+    "patient_note": {
+        "en": {
+            "patient": ["patient {patient}", "pt {patient}", "name: {patient}", "seen: {patient}", "visit by {patient}",
+                        "examined {patient}", "case of {patient}", "{patient}"],
+            "age": ["{age}", "now {age}", "who is {age}"],
+            "symptom": ["c/o {symptom}", "complaining of {symptom}", "symptom: {symptom}", "reports of {symptom}",
+                        "troubled by {symptom}", "noted {symptom}", "describes {symptom}", "suffers {symptom}"],
+            "bp": ["{bp}", "measured {bp}", "recorded {bp}", "at triage {bp}"],
+            "med": ["given {med}", "prescribed {med}", "plan {med}", "start {med}", "medication: {med}",
+                    "recommended {med}", "dispensed {med}", "trial of {med}"],
+        },
+        "zh": {
+            "patient": ["患者{patient}", "病人{patient}", "姓名{patient}", "就诊者{patient}", "门诊患者{patient}",
+                        "接诊{patient}", "病例{patient}", "{patient}"],
+            "age": ["{age}"],
+            "symptom": ["主诉{symptom}", "症状{symptom}", "出现{symptom}", "表现为{symptom}", "伴{symptom}",
+                        "自觉{symptom}", "感到{symptom}", "近日{symptom}"],
+            "bp": ["{bp}", "体检{bp}", "入院时{bp}"],
+            "med": ["予{med}", "处方{med}", "开具{med}", "给予{med}", "建议{med}", "换用{med}", "加用{med}", "口服{med}"],
+        },
+    },
+    "ticket": {
+        "en": {
+            "customer": ["reported by {customer}", "contact: {customer}", "user {customer}", "submitted by {customer}",
+                         "owner {customer}", "caller {customer}", "account of {customer}", "{customer}"],
+            "product": ["product: {product}", "device {product}", "model {product}", "unit: {product}",
+                        "regarding the {product}", "item {product}", "about a {product}", "{product}"],
+            "issue": ["problem: {issue}", "issue {issue}", "fault: {issue}", "it has {issue}", "experiencing {issue}",
+                      "error: {issue}", "symptom {issue}", "{issue}"],
+        },
+        "zh": {
+            "customer": ["用户{customer}", "报修人{customer}", "来电人{customer}", "会员{customer}", "买家{customer}",
+                         "反馈人{customer}", "联系人{customer}", "{customer}"],
+            "product": ["产品{product}", "设备{product}", "型号{product}", "机器是{product}", "商品{product}", "{product}"],
+            "issue": ["问题{issue}", "故障现象{issue}", "现象：{issue}", "表现为{issue}", "出现{issue}", "{issue}"],
+        },
+    },
+}
+# How composed phrases are joined.
+CLAUSE_SEPARATORS = {"en": [", ", ", ", "; ", " - "], "zh": ["，", "，", "，", "；"]}
