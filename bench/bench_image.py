@@ -22,7 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BENCHMARKS_FILE, run_in_workdir, machine_info, machine_line, markdown_table, ratio, run_groups, write_section  # noqa: E402
+from bench.common import BENCHMARKS_FILE, machine_info, machine_line, markdown_table, ratio, run_groups, run_in_workdir, write_section  # noqa: E402
 from bench.image_rows import make_sd1_model, write_photos  # noqa: E402
 
 SOURCES = {"phone-sized 4032x3024": (4032, 3024), "small 768x512": (768, 512)}

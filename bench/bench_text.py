@@ -23,7 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BENCHMARKS_FILE, run_in_workdir, machine_info, machine_line, markdown_table, matmul_peak, ratio, run_groups, run_rows, write_section  # noqa: E402
+from bench.common import BENCHMARKS_FILE, machine_info, machine_line, markdown_table, matmul_peak, ratio, run_groups, run_in_workdir, run_rows, write_section  # noqa: E402
 from bench.text_data import demo_rows, length_summary, long_tail_rows, save_samples, tokenize_file, write_jsonl  # noqa: E402
 from bench.text_rows import matmul_params  # noqa: E402
 from lora_scripts.config import TrainConfig  # noqa: E402

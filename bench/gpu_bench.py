@@ -29,7 +29,7 @@ from bench.bench_image import QUICK_SOURCES, SOURCES, ImageBench, parity_line, s
 from bench.bench_image import results_table as image_table  # noqa: E402
 from bench.bench_text import SMOLLM2, TextBench, prepare_data, row_specs, speedup_switches  # noqa: E402
 from bench.bench_text import results_table as text_table  # noqa: E402
-from bench.common import BENCHMARKS_FILE, run_in_workdir, REPO, machine_info, machine_line, matmul_peak, run_groups, write_section  # noqa: E402
+from bench.common import BENCHMARKS_FILE, REPO, machine_info, machine_line, matmul_peak, run_groups, run_in_workdir, write_section  # noqa: E402
 from bench.image_rows import make_sd1_model, unet_step_flops  # noqa: E402
 from bench.text_rows import matmul_params  # noqa: E402
 

@@ -80,6 +80,19 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path: Path) 
         assert (bigger / f"{split}.jsonl").read_bytes() == (first / f"{split}.jsonl").read_bytes()
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--compose", "1.5"], "--compose must be between 0 and 1"),
+    (["--compose", "-0.1"], "--compose must be between 0 and 1"),
+    (["--train", "0"], "--train, --heldout and --novel must be at least 1"),
+])
+def test_bad_arguments_get_one_error_line_and_write_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(GENERATOR), "--out", str(out), *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"make_json_dataset.py: error: {message}"
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_committed_files_match_documented_command(tmp_path: Path) -> None:
     fresh = generate(tmp_path / "fresh", **DOCUMENTED)
     command = " ".join(f"--{k} {v}" for k, v in DOCUMENTED.items())

@@ -5,8 +5,9 @@ spent on padding. Position ids restart at 0 for every sample and no attention ma
 transformers then builds a block-diagonal causal mask from the position ids (masking_utils
 `find_packed_sequence_indices`, as its `DataCollatorWithFlattening` relies on), so no token
 attends across samples. With `bounds`, the row also carries the samples' boundaries, which
-`models/packed_attention.py` uses to compute each sample's attention on its own (no L² mask). The first token of each sample gets no target, exactly as in a padded
-row, so packed and padded batches give the same loss and gradients.
+`models/packed_attention.py` uses to compute each sample's attention on its own (no L² mask).
+The first token of each sample gets no target, exactly as in a padded row, so packed and padded
+batches give the same loss and gradients.
 
 The loss asks the model for logits only where the next token is a target (`logits_to_keep`),
 which skips the LM head (vocabulary x hidden per token) on prompt tokens.
