@@ -23,6 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
 from lora_scripts.checkpoint import full_parameters, load_optimizer_state, load_trainable_state, optimizer_state
+from lora_scripts.launch import end_process_group
 
 GLOBAL_BATCH, LENGTH, LR = 4, 12, 1e-2
 
@@ -85,7 +86,7 @@ def main(model_dir: str, out: Path) -> None:
     continued, resumed = lora_weights(model), lora_weights(restored)
     if rank == 0:
         save_file({f"continued.{k}": v for k, v in continued.items()} | {f"resumed.{k}": v for k, v in resumed.items()}, str(out / "step3.safetensors"))
-    dist.destroy_process_group()
+    end_process_group()  # the loop's own way out of the group (a bare destroy can abort the process)
 
 
 if __name__ == "__main__":
