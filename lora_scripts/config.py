@@ -178,6 +178,12 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
+    fused_lora: bool = Field(
+        True,
+        description="While training, compute each plain LoRA layer (Linear or Conv2d, no dropout, float32) as "
+        "one product with its merged weight instead of PEFT's base + B(A(x)) and thin products in the backward "
+        "pass; same results up to float32 rounding. Not with `distributed.strategy: fsdp`.",
+    )
     auto_batch_size: bool = Field(
         False,
         description="On out-of-memory, retry the step with half the micro-batch and twice the "

@@ -67,7 +67,7 @@ def test_image_bench_quick(tmp_path):
     text = report.read_text(encoding="utf-8")
     for source in ("phone-sized", "small"):
         rows = table_rows(text, f"### Source pictures {source}")
-        assert set(rows) == {"diffusers-style loop", "lora-scripts (defaults)", "lora-scripts, cache_latents off"}
+        assert set(rows) == {"diffusers-style loop", "lora-scripts (defaults)", "lora-scripts, cache_latents off", "lora-scripts, fused_lora off"}
         assert all(float(cells[0]) > 0 for cells in rows.values())
     # identical inputs give the identical step-1 loss (float32, same seed)
     checks = [line for line in text.splitlines() if line.startswith("Step 1 on identical inputs")]
