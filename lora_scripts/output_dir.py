@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from lora_scripts.checkpoint import list_checkpoints
 from lora_scripts.config import TrainConfig
 from lora_scripts.errors import UserError
@@ -19,6 +17,7 @@ RESUME_HARMLESS_KEYS = {
     "epochs", "max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
     "resume", "nan_policy", "output_name", "sample_prompts", "sample_every_n_steps", "sample_steps",
     "cache_latents_to_disk", "cache_dir",
+    "fused_lora",  # the same computation up to float32 rounding (and absent from checkpoints older than it)
     "distributed",  # timeout and topology; a change of strategy or process count is refused by the loop
 }
 
@@ -62,10 +61,8 @@ def check_free_space(folder: Path, trainable_bytes: int, keep: int | None) -> No
 
 def check_resume_compatible(meta: dict[str, Any], cfg: TrainConfig, fingerprint: dict[str, str]) -> None:
     """Refuse a resume whose config or data changed in a way that breaks an exact continuation."""
+    saved = meta["config"]
     current = cfg.model_dump(mode="json")
-    # A key newer than the checkpoint counts as its default there (a run started by an older version)
-    added = {k: _default_json(k) for k in current if k not in meta["config"]}
-    saved = {**added, **meta["config"]}
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     breaking = [k for k in changed if k not in RESUME_HARMLESS_KEYS]
     if breaking:
@@ -76,15 +73,6 @@ def check_resume_compatible(meta: dict[str, Any], cfg: TrainConfig, fingerprint:
             raise UserError(f"cannot resume {cfg.output_dir}: the {key} changed since the checkpoint was written; restore it, or train into a new output_dir")
     if changed:
         print(f"resume: allowed config changes: {', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed)}")
-
-
-def _default_json(key: str) -> Any:
-    """A config key's default as `model_dump(mode="json")` writes it (None for a required key)."""
-    field = TrainConfig.model_fields[key]
-    if field.is_required():
-        return None
-    adapter = TypeAdapter(field.annotation)
-    return adapter.dump_python(adapter.validate_python(field.get_default(call_default_factory=True, validated_data={})), mode="json")
 
 
 def nearest_existing(path: Path) -> Path:

@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
+from lora_scripts.models import lora_delta
 from lora_scripts.models.lora_delta import fuse_lora_layers
 from tests.helpers import text_config
 from tests.image_helpers import image_config, train_in_process, write_dataset
@@ -33,12 +34,13 @@ class Tiny(nn.Module):
         self.head = nn.Linear(12, 24)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.mix(self.down(x)).permute(0, 2, 3, 1))
+        return self.head(self.mix(self.down(x)).movedim(-3, -1))
 
 
-def tiny_lora(dropout: float = 0.0) -> nn.Module:
+def tiny_lora(dropout: float = 0.0, dora: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    model = get_peft_model(Tiny(), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["down", "mix", "head"]))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=dora, target_modules=["down", "mix", "head"])
+    model = get_peft_model(Tiny(), config)
     with torch.no_grad():  # B starts at zero; a non-zero B makes the merged weight differ from the base
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -85,23 +87,33 @@ def test_merged_layers_give_peft_outputs_and_gradients():
 
 
 def test_peft_forward_wherever_the_shortcut_is_not_the_same_computation():
-    model = tiny_lora()
+    reference = tiny_lora()
+    model = copy.deepcopy(reference)
     fuse_lora_layers(model)
     x = torch.randn(4, 8, 16, 16)
-    with torch.no_grad():  # evaluation and generation
-        assert torch.equal(model(x), copy.deepcopy(model)(x))
+    with torch.no_grad():  # evaluation and generation: bit for bit PEFT's forward
+        assert torch.equal(model(x), reference(x))
     with model.disable_adapter():
-        assert not OURS & graph_names(model(x)) and torch.allclose(model(x), model.base_model.model(x), atol=0)
+        assert not OURS & graph_names(model(x)) and torch.equal(model(x), model.base_model.model(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not OURS & graph_names(model(x))
+    single = model(x[0])  # an unbatched image: the convolutions take PEFT's path
+    assert "_ConvDeltaBackward" not in graph_names(single) and relative(single, reference(x[0])) < 1e-5
     assert not OURS & graph_names(model(torch.randn(1, 8, 2, 2)))  # too few rows to pay for the merge
-    dropout = tiny_lora(dropout=0.1)
-    fuse_lora_layers(dropout)
-    assert not OURS & graph_names(dropout(x))
+    assert not OURS & graph_names(copy.deepcopy(model).double()(x.double()))
+    for variant in (tiny_lora(dropout=0.1), tiny_lora(dora=True)):
+        assert fuse_lora_layers(variant) == 3
+        assert not OURS & graph_names(variant(x))
 
 
 @pytest.mark.parametrize("task", ["image", "text"])
-def test_training_with_and_without_fused_lora_writes_the_same_adapter(tmp_path, tiny_llm_dir, task):
-    files = {}
+def test_training_with_and_without_fused_lora_writes_the_same_adapter(tmp_path, tiny_llm_dir, task, monkeypatch):
+    calls = []
+    for function in (lora_delta._LinearDelta, lora_delta._ConvDelta):
+        monkeypatch.setattr(function, "apply", lambda *args, apply=function.apply: calls.append(1) or apply(*args))
+    files, fused_calls = {}, []
     for fused in (True, False):
+        calls.clear()
         folder = tmp_path / str(fused)
         folder.mkdir()
         if task == "image":
@@ -114,6 +126,8 @@ def test_training_with_and_without_fused_lora_writes_the_same_adapter(tmp_path, 
             name = "out/adapter_model.safetensors"
         train_in_process(config, f"fused_lora={str(fused).lower()}")
         files[fused] = load_file(folder / name)
+        fused_calls.append(len(calls))
+    assert fused_calls[0] > 0 and fused_calls[1] == 0
     assert files[True].keys() == files[False].keys()
     trained = [k for k in files[True] if "lora_up" in k or "lora_B" in k]
     assert trained and all(files[True][k].abs().max() > 1e-4 for k in trained)

@@ -4,14 +4,16 @@ PEFT computes a LoRA layer as `base(x) + B(A(x)) * scale`: the base product, two
 on x, a scale and an add over the output, and their mirror images in the backward pass. With a
 frozen float32 base the same output is `x @ (W + scale * B @ A)ᵀ`: one product with a merged
 weight that costs out·in·rank to build (again in the backward pass instead of keeping it), which
-the thin products on x outweigh once a batch has more rows than about in·out / (2·in + out). The
+the thin products on x outweigh once a batch has more rows than 2·in·out / (2·in + out). The
 gradients of A and B need the thin products `x @ Aᵀ` and `grad @ B` only, computed in the backward
 pass. Same results as PEFT's forward up to float32 rounding (`tests/test_lora_delta.py`).
 
 Installed per layer (`fuse_lora_layers`); each call falls back to PEFT's own forward whenever
 the shortcut would not be the same computation or would not pay: no gradients (evaluation,
 generation), adapters disabled or merged, several or variant adapters (DoRA), dropout, autocast,
-a non-float32 tensor, a base weight that trains, or too few rows.
+a non-float32 tensor, a base weight that trains, an unbatched image, or too few rows. The
+rebinding is per module instance: state dicts and saving are unchanged; pickling a whole fused
+module is not supported.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class _ConvDelta(torch.autograd.Function):
 
 
 def _merged_kernel(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + s·B·A for a convolution: B's 1x1 kernel times A's kernel, in W's shape."""
     rank = lora_a.shape[0]
     return torch.addmm(weight.reshape(weight.shape[0], -1), lora_b.reshape(-1, rank), lora_a.reshape(rank, -1), alpha=scale).view_as(weight)
 
@@ -100,7 +103,7 @@ def _adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> st
         return None
     if any(t.dtype != torch.float32 for t in (x, base.weight, lora_a.weight, lora_b.weight)):
         return None
-    if isinstance(base, nn.Conv2d) and (lora_a.stride != base.stride or lora_a.padding != base.padding):
+    if isinstance(base, nn.Conv2d) and (x.dim() != 4 or (lora_a.kernel_size, lora_a.stride, lora_a.padding) != (base.kernel_size, base.stride, base.padding)):
         return None
     fan_in, fan_out = base.weight[0].numel(), base.weight.shape[0]
     rows = x.numel() // x.shape[-1 if isinstance(base, nn.Linear) else 1]
@@ -110,6 +113,7 @@ def _adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> st
 
 
 def _forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The forward installed on a fused layer: merged when `_adapter` allows, else PEFT's."""
     name = _adapter(layer, x, args, kwargs)
     if name is None:
         return type(layer).forward(layer, x, *args, **kwargs)
