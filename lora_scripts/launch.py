@@ -184,7 +184,8 @@ def launch(topology: Topology, command: list[str]) -> int:
     # passed on, or a peer noticing the dead one): report the cause, else the lowest rank.
     lines = {rank.index: error_line(rank.tail.decode("utf-8", "replace"), rank.proc.returncode) for rank in failed}
     cause = min(failed, key=lambda rank: (lines[rank.index].startswith(LOST_CONTACT), rank.index))
-    print(f"rank {cause.index} failed: {lines[cause.index]}", file=sys.stderr, flush=True)
+    new_line = "\n" if ranks[0].tail and not ranks[0].tail.endswith(b"\n") else ""  # after a progress bar cut mid-line
+    print(f"{new_line}rank {cause.index} failed: {lines[cause.index]}", file=sys.stderr, flush=True)
     code = cause.proc.returncode
     return code if code > 0 else 128 - code
 

@@ -87,7 +87,7 @@ def test_queue_watch_kill_restart_compare(tmp_path: Path, tiny_llm_dir: Path, br
         shot(page, "1_config_empty_form")
 
         # the form for a tiny run; an invalid value shows the CLI's message inline
-        fill_form(page, text_values(tmp_path, tiny_llm_dir, "out_a", max_steps="50", validation_split="0.2", eval_steps="10"))
+        fill_form(page, text_values(tmp_path, tiny_llm_dir, "out_a", max_steps="150", validation_split="0.2", eval_steps="30"))
         page.fill(".field[data-key=lora_rank] [name=lora_rank]", "0")
         page.wait_for_selector(".field[data-key=lora_rank].invalid")
         assert page.inner_text(".field[data-key=lora_rank] .error") == "config: `lora_rank` = 0: Input should be greater than or equal to 1"
@@ -122,7 +122,7 @@ def test_queue_watch_kill_restart_compare(tmp_path: Path, tiny_llm_dir: Path, br
             return job_status(page) == "done"
 
         wait_for(first_done, 300, "run-a to finish", every=0.3)
-        wait_for(lambda: chart_points(page) == 50 + 5, 30, "the final loss chart (50 loss + 5 validation points)")
+        wait_for(lambda: chart_points(page) == 150 + 5, 30, "the final loss chart (150 loss + 5 validation points)")
         assert len(seen - {0}) >= 2, f"the chart never showed an intermediate state: {sorted(seen)}"
         page.wait_for_selector("#files li[data-file='adapter_model.safetensors'] a")
         page.check("#log-scale")
@@ -161,7 +161,7 @@ def test_queue_watch_kill_restart_compare(tmp_path: Path, tiny_llm_dir: Path, br
         compare.check(".pick[value='2']")
         compare.click("#compare-go")
         compare.wait_for_selector("#diff")
-        assert chart_points(compare, "#compare-chart") == 50 + 5 + 100
+        assert chart_points(compare, "#compare-chart") == 150 + 5 + 100
         diff = compare.inner_text("#diff")
         assert "max_steps" in diff and "output_dir" in diff and "lora_rank" not in diff
         assert compare.locator("#compare-files li[data-file='adapter_model.safetensors']").count() == 2
