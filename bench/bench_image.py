@@ -62,8 +62,8 @@ def lora_scripts_config(bench: ImageBench, key: str, data: Path) -> Path:
 
 
 def row_specs(bench: ImageBench, key: str, data: Path) -> list[dict[str, Any]]:
-    """Baseline, lora-scripts, lora-scripts without the latent cache or fused LoRA layers, and the step-1 check
-    (always float32: it compares numbers, not speed)."""
+    """Baseline, lora-scripts, lora-scripts without the latent cache or fused LoRA layers, and the
+    step-1 check (always float32: it compares numbers, not speed)."""
     config = lora_scripts_config(bench, key, data)
     common = {"model": str(bench.model), "data": str(data), "config": str(config), "resolution": bench.resolution,
               "batch": bench.batch, "epochs": EPOCHS, "lr": 1e-4, "rank": 8, "seed": 0, "threads": bench.threads,

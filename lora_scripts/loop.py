@@ -162,15 +162,16 @@ def setup(cfg: TrainConfig) -> Run:
         raise UserError(f"{cfg.train_data_dir}: no training samples")
     batcher = task.batcher or shuffled_batches(len(task.train_set), global_batch_size(cfg.batch_size), cfg.seed)
     plan = StepPlan(batcher, cfg.gradient_accumulation_steps, cfg.epochs, cfg.max_steps)
-    if cfg.fused_lora and cfg.distributed.strategy != "fsdp":  # FSDP re-gathers weights that a fused layer would hold
+    sharded = cfg.distributed.strategy == "fsdp"
+    if cfg.fused_lora and not sharded:  # FSDP re-gathers weights that a fused layer would hold
         fuse_lora_layers(task.model)
     params = [p for p in task.model.parameters() if p.requires_grad]
     computed_once(lambda: check_free_space(out, sum(p.numel() * p.element_size() for p in params), cfg.save_total_limit))
     # AdamW's fused kernel: the same update in one pass over all LoRA weights (FSDP's sharded weights excluded)
-    fused = accelerator.device.type in ("cpu", "cuda") and cfg.distributed.strategy != "fsdp" and all(p.dtype == torch.float32 for p in params)
+    fused = accelerator.device.type in ("cpu", "cuda") and not sharded and all(p.dtype == torch.float32 for p in params)
     optimizer = torch.optim.AdamW(task.param_groups or params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=plan.total_steps)
-    if cfg.distributed.strategy == "fsdp" and not getattr(task.model, "_no_split_modules", None):
+    if sharded and not getattr(task.model, "_no_split_modules", None):
         raise UserError("distributed.strategy: fsdp shards the model block by block, and this model names no blocks (`_no_split_modules`); use strategy: ddp")
     model, optimizer = accelerator.prepare(task.model, optimizer)  # DDP starts every process from the main one's weights
     if world > 1:  # each process its own random stream (dropout, augmentations); per-sample draws use sample_seeds

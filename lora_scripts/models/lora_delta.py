@@ -36,7 +36,7 @@ class _LinearDelta(torch.autograd.Function):
                 lora_b: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(x, weight, lora_a, lora_b)
         ctx.scale = scale
-        return F.linear(x, torch.addmm(weight, lora_b, lora_a, alpha=scale), bias)
+        return F.linear(x, _merged_weight(weight, lora_a, lora_b, scale), bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -44,7 +44,7 @@ class _LinearDelta(torch.autograd.Function):
         grad_rows, x_rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_rows @ torch.addmm(weight, lora_b, lora_a, alpha=ctx.scale)).view(x.shape)
+            grad_x = (grad_rows @ _merged_weight(weight, lora_a, lora_b, ctx.scale)).view(x.shape)
         grad_b = (grad_rows.t() @ (x_rows @ lora_a.t())).mul_(ctx.scale)
         grad_a = ((grad_rows @ lora_b).t() @ x_rows).mul_(ctx.scale)
         return grad_x, None, None, grad_a, grad_b, None
@@ -58,7 +58,7 @@ class _ConvDelta(torch.autograd.Function):
                 lora_b: torch.Tensor, scale: float, stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
         ctx.save_for_backward(x, weight, lora_a, lora_b)
         ctx.scale, ctx.stride, ctx.padding = scale, stride, padding
-        return F.conv2d(x, _merged_kernel(weight, lora_a, lora_b, scale), bias, stride, padding)
+        return F.conv2d(x, _merged_weight(weight, lora_a, lora_b, scale), bias, stride, padding)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -66,17 +66,18 @@ class _ConvDelta(torch.autograd.Function):
         stride, padding, rank = ctx.stride, ctx.padding, lora_a.shape[0]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input(x.shape, _merged_kernel(weight, lora_a, lora_b, ctx.scale), grad, stride, padding)
+            grad_x = conv2d_input(x.shape, _merged_weight(weight, lora_a, lora_b, ctx.scale), grad, stride, padding)
         grad_through_b = F.conv2d(grad, lora_b.reshape(-1, rank).t()[:, :, None, None])
         grad_b = conv2d_weight(F.conv2d(x, lora_a, None, stride, padding), lora_b.shape, grad).mul_(ctx.scale)
         grad_a = conv2d_weight(x, lora_a.shape, grad_through_b, stride, padding).mul_(ctx.scale)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
-def _merged_kernel(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + s·B·A for a convolution: B's 1x1 kernel times A's kernel, in W's shape."""
+def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + s·B·A in W's shape (for a convolution: B's 1x1 kernel times A's kernel)."""
     rank = lora_a.shape[0]
-    return torch.addmm(weight.reshape(weight.shape[0], -1), lora_b.reshape(-1, rank), lora_a.reshape(rank, -1), alpha=scale).view_as(weight)
+    merged = torch.addmm(weight.reshape(weight.shape[0], -1), lora_b.reshape(-1, rank), lora_a.reshape(rank, -1), alpha=scale)
+    return merged.view_as(weight)
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -103,8 +104,10 @@ def _adapter(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> st
         return None
     if any(t.dtype != torch.float32 for t in (x, base.weight, lora_a.weight, lora_b.weight)):
         return None
-    if isinstance(base, nn.Conv2d) and (x.dim() != 4 or (lora_a.kernel_size, lora_a.stride, lora_a.padding) != (base.kernel_size, base.stride, base.padding)):
-        return None
+    if isinstance(base, nn.Conv2d):
+        same_window = (lora_a.kernel_size, lora_a.stride, lora_a.padding) == (base.kernel_size, base.stride, base.padding)
+        if x.dim() != 4 or not same_window:
+            return None
     fan_in, fan_out = base.weight[0].numel(), base.weight.shape[0]
     rows = x.numel() // x.shape[-1 if isinstance(base, nn.Linear) else 1]
     if isinstance(base, nn.Conv2d):
